@@ -1,0 +1,3 @@
+"""promptise-asgi: run, discover and steer distributed agent processes over HTTP."""
+
+from __future__ import annotations

@@ -1,0 +1,78 @@
+"""The package's exception hierarchy, in one place.
+
+Public classes are re-exported from the module a user meets them in (`client` for the node errors,
+`runtime` for queue and lifecycle errors). HTTP mapping of these lives in the transport, not here.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "NodeError",
+    "NodeTimeoutError",
+    "NodeUnreachableError",
+    "PromptiseASGIError",
+    "QueueFullError",
+]
+
+
+class PromptiseASGIError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class QueueFullError(PromptiseASGIError):
+    """An event was refused because the process queue is at `max_queue`.
+
+    Attributes:
+        process: the process name.
+        max_queue: the queue bound that was hit.
+        retry_after: seconds a caller should wait before trying again.
+    """
+
+    def __init__(self, process: str, max_queue: int, retry_after: float = 1.0) -> None:
+        super().__init__(f"Process '{process}' queue is full ({max_queue} events)")
+        self.process = process
+        self.max_queue = max_queue
+        self.retry_after = retry_after
+
+
+class ConfigError(PromptiseASGIError, ValueError):
+    """A node configuration (TOML file or environment) is invalid; the message names file, process and field."""
+
+
+class NodeError(PromptiseASGIError):
+    """A node answered with a non-2xx status.
+
+    Attributes:
+        status_code: the HTTP status the node answered with.
+        message: the node's `{"error": ...}` text (or the raw body when it was not JSON).
+        url: the URL that was requested.
+    """
+
+    def __init__(self, status_code: int, message: str, url: str = "") -> None:
+        super().__init__(f"{status_code} {message}" + (f" ({url})" if url else ""))
+        self.status_code = status_code
+        self.message = message
+        self.url = url
+
+
+class NodeUnreachableError(PromptiseASGIError):
+    """The node could not be reached (connection refused, reset, DNS, TLS...).
+
+    Attributes:
+        url: the URL that was requested.
+    """
+
+    def __init__(self, url: str, reason: str = "") -> None:
+        super().__init__(f"node unreachable at {url}" + (f" ({reason})" if reason else ""))
+        self.url = url
+        self.reason = reason
+
+
+class NodeTimeoutError(NodeUnreachableError):
+    """The node did not answer within the timeout."""
+
+    def __init__(self, url: str, reason: str = "") -> None:
+        PromptiseASGIError.__init__(self, f"node timed out at {url}" + (f" ({reason})" if reason else ""))
+        self.url = url
+        self.reason = reason

@@ -1,0 +1,47 @@
+"""The shape of a runtime, as the HTTP transport sees it.
+
+The transport talks to a runtime only through these Protocols, so it works over the built-in
+`promptise_asgi.runtime.AgentRuntime` and over the real `promptise` `AgentRuntime` (1.10.x) alike.
+Nothing here knows about HTTP, and nothing here imports a concrete runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["ProcessLike", "RuntimeLike"]
+
+
+@runtime_checkable
+class ProcessLike(Protocol):
+    """One managed process: what the transport reads and calls on it."""
+
+    @property
+    def process_id(self) -> str: ...
+
+    @property
+    def state(self) -> Any:
+        """A `str` enum (or anything with a `.value` string) naming the lifecycle state."""
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def inject(self, event: Any) -> Any: ...
+
+
+@runtime_checkable
+class RuntimeLike(Protocol):
+    """A runtime of named processes that can be started, stopped and restarted by name."""
+
+    @property
+    def processes(self) -> Mapping[str, Any]: ...
+
+    def get_process(self, name: str) -> Any: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    async def start_process(self, name: str) -> Any: ...
+
+    async def stop_process(self, name: str) -> Any: ...
+
+    async def restart_process(self, name: str) -> Any: ...
