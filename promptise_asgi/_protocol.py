@@ -31,7 +31,7 @@ class ProcessLike(Protocol):
 
 @runtime_checkable
 class RuntimeLike(Protocol):
-    """A runtime of named processes that can be started, stopped and restarted by name."""
+    """A runtime of named processes that can be started, stopped and restarted by name, or all at once."""
 
     @property
     def processes(self) -> Mapping[str, Any]: ...
@@ -45,3 +45,7 @@ class RuntimeLike(Protocol):
     async def stop_process(self, name: str) -> Any: ...
 
     async def restart_process(self, name: str) -> Any: ...
+
+    async def start_all(self) -> Any: ...
+
+    async def stop_all(self) -> Any: ...
