@@ -1,0 +1,221 @@
+"""The runtime's value types: process states, trigger events, trigger and process configs, handler resolution.
+
+These are plain dataclasses validated at construction, so a bad config fails where it is written. Nothing here
+starts a task or touches an event loop, and nothing here knows about HTTP or about the transport.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, TypeAlias
+
+from croniter import croniter
+
+__all__ = [
+    "Handler",
+    "ProcessConfig",
+    "ProcessState",
+    "TriggerConfig",
+    "TriggerEvent",
+    "resolve_handler",
+]
+
+TRIGGER_TYPES = ("cron", "interval", "event")
+
+
+class ProcessState(StrEnum):
+    """Lifecycle state of an `AgentProcess`; the value is the lowercase name shown in status."""
+
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+def _new_event_id() -> str:
+    return str(uuid.uuid4())
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(slots=True)
+class TriggerEvent:
+    """One unit of work for a process: injected over HTTP or produced by a cron/interval trigger.
+
+    Attributes:
+        trigger_id: what produced the event (`"remote"` for HTTP, `"<process>:<type>:<index>"` for triggers).
+        trigger_type: the kind of trigger (`"cron"`, `"interval"`, `"remote"`...).
+        payload: the event's data.
+        metadata: free-form data about the event.
+        event_id: a uuid4 string, unique per event.
+        timestamp: when the event was created (UTC).
+    """
+
+    trigger_id: str
+    trigger_type: str = ""
+    payload: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    event_id: str = field(default_factory=_new_event_id)
+    timestamp: datetime = field(default_factory=_utc_now)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict of this event (timestamp in ISO 8601)."""
+        return {
+            "trigger_id": self.trigger_id,
+            "trigger_type": self.trigger_type,
+            "payload": self.payload,
+            "metadata": self.metadata,
+            "event_id": self.event_id,
+            "timestamp": self.timestamp.isoformat(),
+        }
+
+
+Handler: TypeAlias = Callable[[TriggerEvent], Awaitable[Any]]
+
+
+@dataclass(slots=True)
+class TriggerConfig:
+    """What makes a process receive events besides injection.
+
+    Args:
+        type: `"cron"` (needs `cron_expression`), `"interval"` (needs `interval_seconds`) or `"event"`
+            (the process is driven by injected events only; injection works for every process anyway).
+        cron_expression: a cron expression (5 fields, or 6 with seconds), evaluated in UTC.
+        interval_seconds: the period of an interval trigger, greater than 0.
+
+    Raises:
+        ValueError: unknown `type`, missing or invalid `cron_expression` / `interval_seconds`.
+    """
+
+    type: str
+    cron_expression: str | None = None
+    interval_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.type not in TRIGGER_TYPES:
+            allowed = ", ".join(TRIGGER_TYPES)
+            raise ValueError(f"TriggerConfig.type must be one of {allowed}, got {self.type!r}")
+        if self.type == "cron":
+            expr = self.cron_expression
+            if not isinstance(expr, str) or not croniter.is_valid(expr):
+                raise ValueError(f"TriggerConfig.cron_expression is not a valid cron expression: {expr!r}")
+        elif self.type == "interval":
+            seconds = self.interval_seconds
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not math.isfinite(seconds)
+                or seconds <= 0
+            ):
+                raise ValueError(f"TriggerConfig.interval_seconds must be a number > 0, got {seconds!r}")
+            self.interval_seconds = float(seconds)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict of this trigger."""
+        return {
+            "type": self.type,
+            "cron_expression": self.cron_expression,
+            "interval_seconds": self.interval_seconds,
+        }
+
+
+def _is_async_callable(obj: object) -> bool:
+    if inspect.iscoroutinefunction(obj):
+        return True
+    call = getattr(obj, "__call__", None)  # noqa: B004 - callable() cannot say whether __call__ is async
+    return call is not None and inspect.iscoroutinefunction(call)
+
+
+def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+@dataclass(slots=True)
+class ProcessConfig:
+    """How a process behaves: its handler, triggers, concurrency, queue bound and drain time.
+
+    Args:
+        handler: an async callable `handler(event)` or a `"module:function"` string resolved at start;
+            None makes a process that only records the events it receives.
+        instructions: kept and shown in status (configs written for the original `promptise` still load).
+        model: kept and shown in status.
+        triggers: `TriggerConfig`s (mappings of their keyword arguments are accepted too).
+        concurrency: how many events are handled at the same time (>= 1).
+        max_queue: how many events may wait (>= 1); an injection beyond it is refused.
+        drain_timeout: seconds `stop()` lets queued and running events finish (>= 0).
+
+    Raises:
+        ValueError: a field is out of range; the message names it.
+        TypeError: `handler` is neither None, a string nor an async callable.
+    """
+
+    handler: Handler | str | None = None
+    instructions: str = ""
+    model: str | None = None
+    triggers: list[TriggerConfig] = field(default_factory=list)
+    concurrency: int = 1
+    max_queue: int = 1000
+    drain_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        handler = self.handler
+        if handler is not None and not isinstance(handler, str) and not _is_async_callable(handler):
+            raise TypeError(f"ProcessConfig.handler must be an async callable or 'module:function', got {handler!r}")
+        _check_int("ProcessConfig", "concurrency", self.concurrency, 1)
+        _check_int("ProcessConfig", "max_queue", self.max_queue, 1)
+        timeout = self.drain_timeout
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int | float)
+            or not math.isfinite(timeout)
+            or timeout < 0
+        ):
+            raise ValueError(f"ProcessConfig.drain_timeout must be a number >= 0, got {timeout!r}")
+        triggers: list[TriggerConfig] = []
+        for trigger in self.triggers:
+            if isinstance(trigger, Mapping):
+                trigger = TriggerConfig(**trigger)
+            elif not isinstance(trigger, TriggerConfig):
+                raise TypeError(f"ProcessConfig.triggers items must be TriggerConfig, got {trigger!r}")
+            triggers.append(trigger)
+        self.triggers = triggers
+
+
+def resolve_handler(handler: Handler | str | None) -> Handler | None:
+    """Return the async callable a config names, importing a `"module:function"` string.
+
+    Raises:
+        ValueError: the string is malformed, its module cannot be imported, or the attribute is missing or is
+            not an async callable; the message names the string.
+    """
+    if not isinstance(handler, str):
+        return handler
+    module_name, sep, attr_path = handler.partition(":")
+    if not sep or not module_name or not attr_path:
+        raise ValueError(f"handler {handler!r} is not of the form 'module:function'")
+    try:
+        target: object = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ValueError(f"handler {handler!r}: cannot import module {module_name!r} ({exc})") from exc
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ValueError(f"handler {handler!r}: {module_name!r} has no attribute {attr_path!r}") from None
+    if not callable(target):
+        raise ValueError(f"handler {handler!r} is not callable")
+    if not _is_async_callable(target):
+        raise ValueError(f"handler {handler!r} is not an async callable (async def)")
+    return target

@@ -1,0 +1,155 @@
+"""The plumbing the runtime runs on: the bounded event queue and the task group that owns process tasks.
+
+`EventQueue` is a deque with a semaphore counting its items, so putting never blocks or allocates beyond
+the deque slot, and an interrupted event can go back to the front. `TaskHost` gives the runtime an anyio task
+group either entered by the host program (`async with`) or owned by one supervisor task (imperative style).
+Nothing here knows what a process, a trigger or HTTP is.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import anyio
+from anyio.abc import TaskGroup
+
+__all__ = ["EventQueue", "TaskHost"]
+
+T = TypeVar("T")
+
+
+class EventQueue(Generic[T]):
+    """A FIFO whose bound the caller enforces; `get()` waits for an item, everything else is immediate."""
+
+    __slots__ = ("_available", "_items")
+
+    def __init__(self) -> None:
+        self._items: deque[T] = deque()
+        self._available = anyio.Semaphore(0)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item: T) -> None:
+        self._items.append(item)
+        self._available.release()
+
+    def put_front(self, item: T) -> None:
+        self._items.appendleft(item)
+        self._available.release()
+
+    async def get(self) -> T:
+        # The semaphore counts items: once acquired, an item is guaranteed to be there, and a cancelled
+        # acquire takes nothing, so a worker cancelled while waiting never loses an event.
+        await self._available.acquire()
+        return self._items.popleft()
+
+
+class TaskHost:
+    """Owns the task group process tasks run in, for both runtime styles.
+
+    Structured style: `enter()`/`exit()` are called from the host's `async with`, so the task group is the
+    host's. Imperative style: the first `task_group()` call spawns one supervisor task that enters a task group
+    and sleeps until `close()` cancels it.
+    """
+
+    def __init__(self) -> None:
+        self._tg: TaskGroup | None = None
+        self._structured = False
+        self._ready: anyio.Event | None = None
+        self._done: anyio.Event | None = None
+        # A strong reference: asyncio keeps only weak references to tasks, and a collected task is cancelled.
+        self._native_task: object = None
+
+    @property
+    def active(self) -> bool:
+        """True while a task group (structured or supervised) is open or being opened."""
+        return self._tg is not None or self._ready is not None
+
+    async def enter(self) -> None:
+        if self.active:
+            raise RuntimeError("runtime already running: use `async with` or the imperative style, not both")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        self._structured = True
+
+    async def exit(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        tg = self._tg
+        assert tg is not None and self._structured
+        try:
+            return bool(await tg.__aexit__(exc_type, exc, tb))
+        finally:
+            self._tg = None
+            self._structured = False
+
+    async def task_group(self) -> TaskGroup:
+        """Return the open task group, spawning the supervisor first if no `async with` opened one."""
+        if self._tg is not None:
+            return self._tg
+        if self._ready is None:
+            self._ready = anyio.Event()
+            self._done = anyio.Event()
+            self._native_task = _spawn_detached(self._supervise)
+        await self._ready.wait()
+        assert self._tg is not None
+        return self._tg
+
+    async def _supervise(self) -> None:
+        ready, done = self._ready, self._done
+        assert ready is not None and done is not None
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                ready.set()
+                await anyio.sleep_forever()
+        finally:
+            self._tg = None
+            self._ready = None
+            self._native_task = None
+            done.set()
+
+    async def close(self) -> None:
+        """Cancel and wait for the supervisor (imperative style); a no-op when there is none."""
+        if self._structured or self._ready is None:
+            return
+        done = self._done
+        assert done is not None
+        await self._ready.wait()
+        if self._tg is not None:
+            self._tg.cancel_scope.cancel()
+        await done.wait()
+
+
+def _spawn_detached(supervise: Callable[[], Coroutine[Any, Any, None]]) -> object:
+    """Start `supervise()` as a task of the running backend that outlives the calling task.
+
+    anyio has no API for a detached task: every anyio task lives in a task group whose `async with` the
+    caller would have to stay inside, which the imperative style (`await rt.start_all()` and return) cannot
+    do. So this one helper uses the backend's own primitive. Both are cancelled when the host's main task ends
+    (asyncio.run and anyio.run cancel leftover tasks; trio cancels system tasks when main returns), so the
+    program can always exit and no task outlives the event loop. The backends are imported here, lazily, so
+    only the running one is loaded and the rest of the runtime stays anyio-only.
+    """
+    try:
+        import sniffio
+    except ImportError:  # pragma: no cover - trio depends on sniffio, so without it this must be asyncio
+        library = "asyncio"
+    else:
+        library = sniffio.current_async_library()
+    if library == "trio":
+        import trio
+
+        trio.lowlevel.spawn_system_task(supervise)
+        return None
+    import asyncio
+
+    return asyncio.get_running_loop().create_task(supervise())

@@ -1,0 +1,513 @@
+"""The built-in agent runtime: named processes that handle events from a bounded queue, on anyio.
+
+`AgentRuntime` holds `AgentProcess`es by name and starts, stops and restarts them; each running process
+runs `concurrency` worker tasks pulling `TriggerEvent`s from its own bounded queue, fed by `inject()` and by its
+cron and interval triggers. Runs on asyncio and trio, in `async with` or imperative style. Knows nothing of HTTP: the
+transport drives it through `promptise_asgi._protocol`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from types import MappingProxyType, TracebackType
+from typing import Any
+
+import anyio
+from anyio.abc import TaskStatus
+from croniter import croniter
+
+from ._errors import QueueFullError
+from ._runtime_models import (
+    Handler,
+    ProcessConfig,
+    ProcessState,
+    TriggerConfig,
+    TriggerEvent,
+    resolve_handler,
+)
+from ._runtime_tasks import EventQueue, TaskHost
+
+__all__ = [
+    "AgentProcess",
+    "AgentRuntime",
+    "ProcessConfig",
+    "ProcessState",
+    "QueueFullError",
+    "TriggerConfig",
+    "TriggerEvent",
+]
+
+logger = logging.getLogger("promptise_asgi.runtime")
+
+# A cron wait re-reads the wall clock at least this often, so a clock step (NTP, suspend/resume) delays a fire
+# by at most this much instead of by the whole original wait.
+CRON_MAX_SLEEP = 30.0
+
+_RUNNING = ProcessState.RUNNING
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+class AgentProcess:
+    """A named worker that handles `TriggerEvent`s from its own bounded queue.
+
+    Usually created by `AgentRuntime.add_process`. A process created on its own runs its tasks under a private
+    supervisor, as the imperative runtime style does.
+
+    Args:
+        name: the process name (non-empty, no `/`).
+        config: the process config; defaults to `ProcessConfig()` (no handler, no triggers).
+        clock: wall clock in epoch seconds, used for cron schedules.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: ProcessConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        _host: TaskHost | None = None,
+    ) -> None:
+        _check_name(name)
+        self._name = name
+        self._process_id = str(uuid.uuid4())
+        self._config = config if config is not None else ProcessConfig()
+        self._clock = clock
+        self._host = _host if _host is not None else TaskHost()
+        self._state = ProcessState.CREATED
+        self._lock = anyio.Lock()
+        self._queue: EventQueue[TriggerEvent] = EventQueue()
+        self._max_queue = self._config.max_queue
+        self._handler: Handler | None = None
+        # Events being handled, keyed by take order: what is left here when workers are cancelled goes back to
+        # the front of the queue in that order.
+        self._in_flight: dict[int, TriggerEvent] = {}
+        self._taken = 0
+        self._draining = False
+        self._workers_scope = anyio.CancelScope()
+        self._triggers_scope = anyio.CancelScope()
+        self._body_done: anyio.Event | None = None
+        self._started_at: float | None = None
+        self._next_fire: list[float | None] = [None] * len(self._config.triggers)
+        self._removed = False
+        self._events_received = 0
+        self._events_handled = 0
+        self._events_failed = 0
+        self._events_refused = 0
+        self._events_requeued = 0
+        self._restart_count = 0
+        self._last_error: str | None = None
+        self._last_event_id: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The process name."""
+        return self._name
+
+    @property
+    def process_id(self) -> str:
+        """A uuid4 string, fixed for the life of this object."""
+        return self._process_id
+
+    @property
+    def state(self) -> ProcessState:
+        """The lifecycle state."""
+        return self._state
+
+    @property
+    def config(self) -> ProcessConfig:
+        """The config this process was created with."""
+        return self._config
+
+    async def inject(self, event: TriggerEvent) -> None:
+        """Queue an event; it is handled now if the process is running, else after the next start.
+
+        Raises:
+            QueueFullError: the queue holds `max_queue` events; the event was not accepted.
+            TypeError: `event` is not a `TriggerEvent`.
+        """
+        if not isinstance(event, TriggerEvent):
+            raise TypeError(f"inject() needs a TriggerEvent, got {type(event).__name__}")
+        queue = self._queue
+        if len(queue) >= self._max_queue:
+            self._events_refused += 1
+            raise QueueFullError(self._name, self._max_queue)
+        queue.put(event)
+        self._events_received += 1
+
+    async def start(self) -> bool:
+        """Start the workers and triggers; a no-op for a running process.
+
+        Returns:
+            True if the process was started, False if it was already running.
+
+        Raises:
+            ValueError: a `"module:function"` handler cannot be resolved (the process is left `failed`).
+            RuntimeError: the process was removed from its runtime.
+        """
+        async with self._lock:
+            return await self._start_locked()
+
+    async def stop(self) -> bool:
+        """Stop triggers at once, let queued and running events finish for up to `drain_timeout`, then stop.
+
+        Events still queued (and any whose handler was cut off by the deadline, put back at the front) stay
+        queued for the next start.
+
+        Returns:
+            True if the process was stopped, False if it was not running.
+        """
+        async with self._lock:
+            return await self._stop_locked()
+
+    async def restart(self) -> None:
+        """Stop (if running) then start, as one operation; counts in `restart_count`."""
+        async with self._lock:
+            await self._stop_locked()
+            await self._start_locked()
+            self._restart_count += 1
+
+    def status(self) -> dict[str, Any]:
+        """Return a JSON-ready dict of this process's state, counters and config."""
+        config = self._config
+        started_at = self._started_at
+        running = self._state is _RUNNING and started_at is not None
+        triggers = []
+        for index, trigger in enumerate(config.triggers):
+            entry = trigger.to_dict()
+            entry["trigger_id"] = f"{self._name}:{trigger.type}:{index}"
+            entry["next_fire_at"] = _iso(self._next_fire[index]) if running else None
+            triggers.append(entry)
+        handler = config.handler
+        return {
+            "name": self._name,
+            "process_id": self._process_id,
+            "state": self._state.value,
+            "queue_size": len(self._queue),
+            "max_queue": self._max_queue,
+            "concurrency": config.concurrency,
+            "in_flight": len(self._in_flight),
+            "events_received": self._events_received,
+            "events_handled": self._events_handled,
+            "events_failed": self._events_failed,
+            "events_refused": self._events_refused,
+            "events_requeued": self._events_requeued,
+            "last_error": self._last_error,
+            "last_event_id": self._last_event_id,
+            "uptime_seconds": time.monotonic() - started_at if started_at is not None and running else None,
+            "restart_count": self._restart_count,
+            "triggers": triggers,
+            "handler": handler if isinstance(handler, str) or handler is None else _qualname(handler),
+            "instructions": config.instructions,
+            "model": config.model,
+        }
+
+    # -- lifecycle (callers hold self._lock) -----------------------------------------------------------------
+
+    async def _start_locked(self) -> bool:
+        if self._removed:
+            raise RuntimeError(f"Process '{self._name}' was removed from its runtime")
+        if self._state is _RUNNING:
+            return False
+        if self._body_done is not None and not self._body_done.is_set():
+            # A stop that was itself cancelled left the old workers winding down: let them finish first.
+            self._workers_scope.cancel()
+            await self._body_done.wait()
+        self._state = ProcessState.STARTING
+        try:
+            self._handler = resolve_handler(self._config.handler)
+        except ValueError as exc:
+            self._state = ProcessState.FAILED
+            self._last_error = _describe(exc)
+            logger.error("Process %r failed to start: %s", self._name, exc)
+            raise
+        self._workers_scope = anyio.CancelScope()
+        self._triggers_scope = anyio.CancelScope()
+        self._body_done = anyio.Event()
+        self._draining = False
+        try:
+            task_group = await self._host.task_group()
+            await task_group.start(self._run)
+        finally:
+            if self._state is ProcessState.STARTING:
+                self._state = ProcessState.STOPPED
+        return True
+
+    async def _stop_locked(self) -> bool:
+        if self._state is not _RUNNING:
+            return False
+        self._state = ProcessState.STOPPING
+        body_done = self._body_done
+        assert body_done is not None
+        try:
+            self._triggers_scope.cancel()
+            self._draining = True
+            if not self._in_flight and not len(self._queue):
+                self._workers_scope.cancel()
+            with anyio.move_on_after(self._config.drain_timeout):
+                await body_done.wait()
+        finally:
+            # Past the deadline (or if this stop is cancelled): cut the workers off; `_run` puts their
+            # events back at the front of the queue and marks the process stopped.
+            self._workers_scope.cancel()
+        await body_done.wait()
+        return True
+
+    async def _run(self, *, task_status: TaskStatus[None]) -> None:
+        body_done = self._body_done
+        assert body_done is not None
+        try:
+            with self._workers_scope:
+                async with anyio.create_task_group() as tg:
+                    for _ in range(self._config.concurrency):
+                        tg.start_soon(self._work)
+                    if any(trigger.type != "event" for trigger in self._config.triggers):
+                        tg.start_soon(self._run_triggers)
+                    self._state = _RUNNING
+                    self._started_at = time.monotonic()
+                    task_status.started()
+        finally:
+            self._requeue_interrupted()
+            self._state = ProcessState.STOPPED
+            self._started_at = None
+            self._next_fire = [None] * len(self._next_fire)
+            body_done.set()
+
+    def _requeue_interrupted(self) -> None:
+        interrupted = list(self._in_flight.values())
+        if not interrupted:
+            return
+        self._in_flight.clear()
+        for event in reversed(interrupted):
+            self._queue.put_front(event)
+        self._events_requeued += len(interrupted)
+        logger.warning(
+            "Process %r stopped with %d event(s) still being handled (drain_timeout=%ss); "
+            "they were put back at the front of the queue and will be handled after the next start",
+            self._name,
+            len(interrupted),
+            self._config.drain_timeout,
+        )
+
+    # -- workers ---------------------------------------------------------------------------------------------
+
+    async def _work(self) -> None:
+        queue = self._queue
+        in_flight = self._in_flight
+        while True:
+            event = await queue.get()
+            self._taken += 1
+            ticket = self._taken
+            in_flight[ticket] = event
+            handler = self._handler
+            if handler is None:
+                self._events_handled += 1
+            else:
+                try:
+                    await handler(event)
+                except Exception as exc:
+                    self._events_failed += 1
+                    self._last_error = _describe(exc)
+                    logger.exception("Process %r handler failed on event %s", self._name, event.event_id)
+                else:
+                    self._events_handled += 1
+            # Not reached when the handler is cancelled: the event stays in `in_flight` to be requeued.
+            del in_flight[ticket]
+            self._last_event_id = event.event_id
+            if self._draining and not in_flight and not len(queue):
+                self._workers_scope.cancel()
+
+    # -- triggers --------------------------------------------------------------------------------------------
+
+    async def _run_triggers(self) -> None:
+        with self._triggers_scope:
+            async with anyio.create_task_group() as tg:
+                for index, trigger in enumerate(self._config.triggers):
+                    if trigger.type == "interval":
+                        tg.start_soon(self._interval_loop, index, trigger)
+                    elif trigger.type == "cron":
+                        tg.start_soon(self._cron_loop, index, trigger)
+
+    async def _interval_loop(self, index: int, trigger: TriggerConfig) -> None:
+        period = trigger.interval_seconds
+        assert period is not None
+        trigger_id = f"{self._name}:interval:{index}"
+        deadline = anyio.current_time() + period
+        while True:
+            self._next_fire[index] = self._clock() + (deadline - anyio.current_time())
+            await anyio.sleep_until(deadline)
+            self._fire(trigger_id, "interval")
+            # Skip ticks missed while the loop was blocked instead of firing a burst to catch up.
+            deadline = max(deadline + period, anyio.current_time())
+
+    async def _cron_loop(self, index: int, trigger: TriggerConfig) -> None:
+        expression = trigger.cron_expression
+        assert expression is not None
+        trigger_id = f"{self._name}:cron:{index}"
+        last_fire = float("-inf")
+        while True:
+            base = max(self._clock(), last_fire)
+            fire_at = croniter(expression, datetime.fromtimestamp(base, UTC)).get_next(float)
+            self._next_fire[index] = fire_at
+            # Bounded sleeps that re-read the wall clock, not an event: only time makes a cron trigger due.
+            while (remaining := fire_at - self._clock()) > 0:  # noqa: ASYNC110
+                await anyio.sleep(min(remaining, CRON_MAX_SLEEP))
+            self._fire(trigger_id, "cron")
+            last_fire = fire_at
+
+    def _fire(self, trigger_id: str, trigger_type: str) -> None:
+        if len(self._queue) >= self._max_queue:
+            self._events_refused += 1
+            logger.warning(
+                "Process %r: trigger %s refused an event, the queue is full (%d)",
+                self._name,
+                trigger_id,
+                self._max_queue,
+            )
+            return
+        self._queue.put(TriggerEvent(trigger_id=trigger_id, trigger_type=trigger_type))
+        self._events_received += 1
+
+
+def _qualname(obj: object) -> str:
+    module = getattr(obj, "__module__", None)
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"{module}:{name}" if module else str(name)
+
+
+def _check_name(name: object) -> None:
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"process name must be a non-empty string without '/', got {name!r}")
+
+
+class AgentRuntime:
+    """A set of named `AgentProcess`es on one node.
+
+    Use it as `async with AgentRuntime() as rt:` (stops every process on exit), or imperatively:
+    `rt = AgentRuntime()`, `await rt.start_all()`, ..., `await rt.stop_all()` (or `await rt.aclose()`). In the
+    imperative style process tasks run under one supervisor task that ends with the host's event loop, so
+    forgetting to stop never keeps a program from exiting.
+
+    Args:
+        clock: wall clock in epoch seconds, used for cron schedules (injectable for tests).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._processes: dict[str, AgentProcess] = {}
+        self._view: Mapping[str, AgentProcess] = MappingProxyType(self._processes)
+        self._clock = clock
+        self._host = TaskHost()
+
+    @property
+    def processes(self) -> Mapping[str, AgentProcess]:
+        """A read-only view of the processes by name, in insertion order."""
+        return self._view
+
+    async def add_process(self, name: str, config: ProcessConfig | None = None) -> AgentProcess:
+        """Create a process (state `created`); it runs after `start_process(name)` or `start_all()`.
+
+        Raises:
+            ValueError: the name is empty, contains `/`, or is already used.
+        """
+        _check_name(name)
+        if name in self._processes:
+            raise ValueError(f"Process '{name}' already exists")
+        process = AgentProcess(name, config, clock=self._clock, _host=self._host)
+        self._processes[name] = process
+        return process
+
+    async def remove_process(self, name: str) -> None:
+        """Stop a process (draining it as `stop()` does) and remove it.
+
+        Raises:
+            KeyError: no process has that name.
+        """
+        process = self.get_process(name)
+        async with process._lock:
+            await process._stop_locked()
+            process._removed = True
+            if self._processes.get(name) is process:
+                del self._processes[name]
+
+    def get_process(self, name: str) -> AgentProcess:
+        """Return the process called `name`.
+
+        Raises:
+            KeyError: `Process '<name>' not found`.
+        """
+        try:
+            return self._processes[name]
+        except KeyError:
+            raise KeyError(f"Process '{name}' not found") from None
+
+    async def start_process(self, name: str) -> bool:
+        """Start a process by name; returns False if it was already running (see `AgentProcess.start`)."""
+        return await self.get_process(name).start()
+
+    async def stop_process(self, name: str) -> bool:
+        """Stop a process by name; returns False if it was not running (see `AgentProcess.stop`)."""
+        return await self.get_process(name).stop()
+
+    async def restart_process(self, name: str) -> None:
+        """Restart a process by name (see `AgentProcess.restart`)."""
+        await self.get_process(name).restart()
+
+    async def start_all(self) -> None:
+        """Start every process, in insertion order.
+
+        Every process is tried; if some fail to start, the first error is raised once all have been tried.
+        """
+        first_error: Exception | None = None
+        for process in list(self._processes.values()):
+            try:
+                await process.start()
+            except Exception as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
+    async def stop_all(self) -> None:
+        """Stop every process concurrently, so drain timeouts overlap instead of adding up."""
+        async with anyio.create_task_group() as tg:
+            for process in list(self._processes.values()):
+                tg.start_soon(process.stop)
+
+    async def aclose(self) -> None:
+        """Stop every process and close the task group the processes ran in (shared by both styles)."""
+        try:
+            await self.stop_all()
+        finally:
+            await self._host.close()
+
+    def status(self) -> dict[str, Any]:
+        """Return `{"process_count": N, "processes": {name: process status}}`."""
+        return {
+            "process_count": len(self._processes),
+            "processes": {name: process.status() for name, process in self._processes.items()},
+        }
+
+    async def __aenter__(self) -> AgentRuntime:
+        await self._host.enter()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            await self.stop_all()
+        finally:
+            suppress = await self._host.exit(exc_type, exc, tb)
+        return suppress
