@@ -1,0 +1,635 @@
+"""An etcd-backed node registry: `EtcdDiscovery`, for clusters beyond one machine.
+
+Talks to etcd's v3 JSON gateway (`/v3/kv/*`, `/v3/lease/*`, `/v3/watch`) with one httpx pool, so it runs on
+asyncio and trio with no extra client library. A node is one key `prefix + node_id` whose JSON value is its
+registration, attached to a lease of `ttl` seconds: heartbeat is a lease keep-alive, expiry is etcd's. Knows
+nothing of Starlette, of the runtime or of the coordinator: it only satisfies `ProcessDiscovery` (plus `heartbeat`
+and `watch`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import httpx
+
+from ._errors import PromptiseASGIError
+from ._validation import normalize_url, validate_metadata, validate_node_id
+from .discovery import DiscoveredNode, NodeChange
+
+__all__ = ["EtcdDiscovery", "EtcdError", "EtcdUnavailableError"]
+
+logger = logging.getLogger(__name__)
+
+_LEASE_NOT_FOUND = "requested lease not found"
+# gRPC UNAVAILABLE (no leader, member stopping) arrives as HTTP 503: another member may well answer.
+_RETRY_ON_NEXT_ENDPOINT = frozenset({503})
+
+
+class EtcdError(PromptiseASGIError):
+    """etcd answered a request with an error.
+
+    Attributes:
+        status_code: the HTTP status of the gateway's answer (0 when the answer was unreadable).
+        message: etcd's error text.
+        endpoint: the endpoint that answered (credentials removed).
+    """
+
+    def __init__(self, status_code: int, message: str, endpoint: str = "") -> None:
+        super().__init__(f"etcd error {status_code}: {message}" + (f" ({endpoint})" if endpoint else ""))
+        self.status_code = status_code
+        self.message = message
+        self.endpoint = endpoint
+
+
+class EtcdUnavailableError(EtcdError):
+    """No etcd endpoint could be reached (refused, reset, timed out or unavailable).
+
+    Attributes:
+        endpoints: every endpoint that was tried (credentials removed).
+        reason: what each endpoint did.
+    """
+
+    def __init__(self, endpoints: Sequence[str], reason: str = "") -> None:
+        PromptiseASGIError.__init__(
+            self, f"etcd unavailable at {', '.join(endpoints)}" + (f" ({reason})" if reason else "")
+        )
+        self.status_code = 0
+        self.message = reason
+        self.endpoint = ""
+        self.endpoints = tuple(endpoints)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _Registration:
+    url: str
+    metadata: dict[str, Any]
+    lease: int | None = None
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _prefix_range_end(prefix: bytes) -> bytes:
+    """The smallest key greater than every key starting with `prefix` (etcd's own rule)."""
+    end = bytearray(prefix)
+    while end:
+        if end[-1] < 0xFF:
+            end[-1] += 1
+            return bytes(end)
+        end.pop()
+    return b"\x00"  # every key: only reachable with an all-0xff prefix
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    netloc = parts.hostname or ""
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _parse_endpoints(endpoints: str | Sequence[str]) -> tuple[str, ...]:
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    parsed: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"etcd endpoint must be a non-empty URL, got {item!r}")
+        text = item.strip()
+        # etcdctl accepts bare host:port, so a user coming from it will type that.
+        if "://" not in text:
+            text = "http://" + text
+        try:
+            parsed.append(normalize_url(text))
+        except ValueError:
+            raise ValueError(f"etcd endpoint must be an http(s) URL, got {_redact(text)!r}") from None
+    if not parsed:
+        raise ValueError("at least one etcd endpoint is required")
+    return tuple(parsed)
+
+
+class EtcdDiscovery:
+    """A node registry kept in etcd: a lease per node, shared by every coordinator that reads the prefix.
+
+    Use it as an async context manager (or call `aclose()`): it holds one httpx connection pool.
+
+    A node's record lives at `prefix + node_id`; `discovered_at` of a discovered node is the wall-clock time
+    (`time.time()`) of its last registration, as written in the record, so every reader sees the same value.
+    Liveness is etcd's business: the key disappears when the lease is not kept alive for `ttl` seconds.
+
+    Args:
+        endpoints: etcd client URLs, as a sequence or a comma-separated string; a bare `host:port` means http.
+            Requests go to the endpoint that last answered, failing over to the others in order on connection
+            errors and on 503 (never on other HTTP errors).
+        prefix: key prefix of the registry; a trailing `/` is added when missing.
+        ttl: lease time-to-live in seconds (rounded up to whole seconds; etcd raises it to its own minimum).
+        timeout: seconds allowed for each request to etcd (the watch stream waits for events without limit).
+        transport: an httpx transport to use instead of the network (tests).
+
+    Raises:
+        ValueError: an endpoint is not an http(s) URL, the prefix is empty or ttl is not positive.
+    """
+
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        prefix: str = "/promptise/nodes/",
+        ttl: float = 60,
+        *,
+        timeout: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._endpoints = _parse_endpoints(endpoints)
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError("prefix must be a non-empty string")
+        self._prefix = prefix if prefix.endswith("/") else prefix + "/"
+        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not ttl > 0 or not math.isfinite(ttl):
+            raise ValueError(f"ttl must be a positive number of seconds, got {ttl!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self._ttl = math.ceil(ttl)
+        self._timeout = float(timeout)
+        self._client = httpx.AsyncClient(timeout=self._timeout, transport=transport)
+        self._preferred = 0
+        self._registrations: dict[str, _Registration] = {}
+        self._locks: dict[str, anyio.Lock] = {}
+        self._watch_scopes: set[anyio.CancelScope] = set()
+        self._closed = False
+        self.watch_backoff = (0.1, 2.0)
+
+    def __repr__(self) -> str:
+        endpoints = [_redact(e) for e in self._endpoints]
+        return f"EtcdDiscovery(endpoints={endpoints!r}, prefix={self._prefix!r}, ttl={self._ttl})"
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The etcd client URLs, in failover order (credentials removed)."""
+        return tuple(_redact(e) for e in self._endpoints)
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix under which nodes are registered."""
+        return self._prefix
+
+    @property
+    def ttl(self) -> int:
+        """The lease time-to-live in whole seconds."""
+        return self._ttl
+
+    async def __aenter__(self) -> EtcdDiscovery:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool and end every running `watch()`; leases are left to expire.
+
+        Nodes are not unregistered: a node that stops cleanly calls `unregister` itself, and one that does not
+        is dropped by etcd when its lease runs out.
+        """
+        self._closed = True
+        for scope in list(self._watch_scopes):
+            scope.cancel()
+        await self._client.aclose()
+
+    # --- ProcessDiscovery -------------------------------------------------------------------------------
+
+    async def register(self, node_id: str, url: str, metadata: dict[str, Any] | None = None) -> None:
+        """Add or refresh a node: keep its lease alive (or grant one) and write its record.
+
+        Registering again replaces the url and metadata and refreshes the lease.
+
+        Args:
+            node_id: the node's id (`^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$`).
+            url: the node's http(s) base URL; trailing slashes are stripped.
+            metadata: a JSON object stored with the node.
+
+        Raises:
+            ValueError: the node id, url or metadata is invalid (nothing is sent to etcd).
+            EtcdUnavailableError: no endpoint answered.
+            EtcdError: etcd refused the request.
+        """
+        node_id = validate_node_id(node_id)
+        url = normalize_url(url)
+        metadata = validate_metadata(metadata)
+        self._check_open()
+        async with self._lock(node_id):
+            previous = self._registrations.get(node_id)
+            lease = previous.lease if previous is not None else None
+            if lease is not None and not await self._keep_alive(lease):
+                lease = None
+            registration = _Registration(url, metadata, lease)
+            await self._write(node_id, registration)
+            self._registrations[node_id] = registration
+
+    async def heartbeat(self, node_id: str) -> bool:
+        """Keep a node registered by this instance alive.
+
+        A lease that etcd no longer knows (expired, revoked, or lost with etcd's data) is not renewed: a new
+        lease is granted and the node's last registration is written again.
+
+        Args:
+            node_id: a node registered through this instance.
+
+        Returns:
+            True when the node is registered for another `ttl` seconds; False when this instance never
+            registered it (or unregistered it), so the caller knows to call `register`.
+
+        Raises:
+            EtcdUnavailableError: no endpoint answered (keep the node and retry later).
+            EtcdError: etcd refused the request.
+        """
+        if node_id not in self._registrations:
+            return False
+        self._check_open()
+        async with self._lock(node_id):
+            registration = self._registrations.get(node_id)
+            if registration is None:  # unregistered while this heartbeat waited for the lock
+                return False
+            if registration.lease is not None and await self._keep_alive(registration.lease):
+                return True
+            logger.info("lease of node %r is gone from etcd; granting a new one and registering again", node_id)
+            registration.lease = None
+            await self._write(node_id, registration)
+            return True
+
+    async def discover(self) -> list[DiscoveredNode]:
+        """Return every node registered under the prefix, in key order.
+
+        Records that cannot be decoded are skipped with a warning in the `promptise_asgi.etcd` log.
+
+        Raises:
+            EtcdUnavailableError: no endpoint answered (an outage is never reported as an empty cluster).
+            EtcdError: etcd refused the request.
+        """
+        self._check_open()
+        nodes, _ = await self._snapshot()
+        return list(nodes.values())
+
+    async def unregister(self, node_id: str) -> None:
+        """Remove a node and revoke its lease; removing an unknown node is a no-op.
+
+        This works from any instance, not only the one that registered the node: the lease found on the key is
+        revoked, so the owner's next `heartbeat` grants a new one and the node comes back if it is still alive
+        (as it would after a coordinator restart).
+
+        Raises:
+            EtcdUnavailableError: no endpoint answered.
+            EtcdError: etcd refused the request.
+        """
+        self._check_open()
+        registration = self._registrations.pop(node_id, None)
+        key = self._key(node_id)
+        result = await self._post("/v3/kv/deleterange", {"key": _b64(key), "prev_kv": True})
+        leases = {int(kv["lease"]) for kv in result.get("prev_kvs", []) if int(kv.get("lease", 0))}
+        if registration is not None and registration.lease is not None:
+            leases.add(registration.lease)
+        for lease in leases:
+            await self._revoke(lease)
+
+    # --- watch ------------------------------------------------------------------------------------------
+
+    async def watch(self, *, include_existing: bool = False) -> AsyncGenerator[NodeChange, None]:
+        """Stream join and leave changes under the prefix, as they happen.
+
+        A put is a `"join"` (also a re-registration), a delete or a lease expiry a `"leave"`. When the stream
+        drops, it reconnects (with a backoff, failing over between endpoints, as long as it takes) and resumes
+        after the last revision seen, so no change is lost. If etcd compacted that revision away meanwhile,
+        the registry is read afresh and the differences are emitted as joins and leaves.
+
+        The iteration ends when the consumer stops it (`aclose()`, or leaving `contextlib.aclosing`) or when
+        this instance is closed. Close it explicitly (`async with contextlib.aclosing(d.watch()) as changes:`)
+        rather than leaving it to the garbage collector.
+
+        Args:
+            include_existing: first emit a join for every node already registered.
+
+        Yields:
+            `NodeChange(kind, node_id, node)`, with `node` None on leave.
+        """
+        self._check_open()
+        known: dict[str, DiscoveredNode] = {}
+        seeded = False
+        next_revision: int | None = None
+        response: httpx.Response | None = None
+        delay = self.watch_backoff[0]
+        try:
+            while not self._closed:
+                if next_revision is None:
+                    snapshot: tuple[dict[str, DiscoveredNode], int] | None = None
+                    with self._interruptible():
+                        try:
+                            snapshot = await self._snapshot()
+                        except EtcdUnavailableError as exc:
+                            logger.warning("etcd watch: %s; retrying in %.1fs", exc, delay)
+                            await anyio.sleep(delay)
+                            delay = min(delay * 2, self.watch_backoff[1])
+                    if snapshot is None:
+                        continue
+                    nodes, revision = snapshot
+                    changes = _diff(known, nodes) if seeded or include_existing else []
+                    known, seeded, next_revision = nodes, True, revision + 1
+                    for change in changes:
+                        yield change
+                    continue
+                lines = None
+                with self._interruptible():
+                    try:
+                        response = await self._open_watch(next_revision)
+                        lines = response.aiter_lines()
+                    except EtcdUnavailableError as exc:
+                        logger.warning("etcd watch: %s; retrying in %.1fs", exc, delay)
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, self.watch_backoff[1])
+                if response is None or lines is None:
+                    continue
+                while not self._closed:
+                    message: dict[str, Any] | None = None
+                    ended = True
+                    with self._interruptible():
+                        try:
+                            line = await anext(lines)
+                            ended = False
+                            message = _watch_message(line)
+                        except (StopAsyncIteration, httpx.HTTPError) as exc:
+                            logger.warning(
+                                "etcd watch stream dropped (%r); resuming at revision %d", exc, next_revision
+                            )
+                    if ended:
+                        break
+                    if message is None:
+                        continue
+                    delay = self.watch_backoff[0]
+                    if message.get("canceled"):
+                        if int(message.get("compact_revision", 0)):
+                            logger.warning(
+                                "etcd compacted revision %d away; reading the registry afresh", next_revision
+                            )
+                            next_revision = None
+                        break
+                    changes = []
+                    for event in message.get("events", []):
+                        kv = event.get("kv", {})
+                        next_revision = max(next_revision, int(kv.get("mod_revision", 0)) + 1)
+                        event_change = self._change(event.get("type", "PUT"), kv, known)
+                        if event_change is not None:
+                            changes.append(event_change)
+                    for change in changes:
+                        yield change
+                await response.aclose()
+                response = None
+                if next_revision is not None and not self._closed:
+                    with self._interruptible():
+                        await anyio.sleep(delay)
+                    delay = min(delay * 2, self.watch_backoff[1])
+        finally:
+            if response is not None:
+                with anyio.CancelScope(shield=True):
+                    await response.aclose()
+
+    # --- internals --------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self!r} is closed")
+
+    def _lock(self, node_id: str) -> anyio.Lock:
+        lock = self._locks.get(node_id)
+        if lock is None:
+            lock = self._locks[node_id] = anyio.Lock()
+        return lock
+
+    def _key(self, node_id: str) -> bytes:
+        return (self._prefix + node_id).encode()
+
+    @contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """A step of `watch()` that `aclose()` can cut short; never spans a `yield`."""
+        scope = anyio.CancelScope()
+        if self._closed:
+            scope.cancel()
+        self._watch_scopes.add(scope)
+        try:
+            with scope:
+                yield
+        finally:
+            self._watch_scopes.discard(scope)
+
+    def _endpoint_order(self) -> list[int]:
+        count = len(self._endpoints)
+        return [(self._preferred + i) % count for i in range(count)]
+
+    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        failures: list[str] = []
+        for index in self._endpoint_order():
+            endpoint = self._endpoints[index]
+            try:
+                response = await self._client.post(endpoint + path, json=body)
+            except httpx.TransportError as exc:
+                failures.append(f"{_redact(endpoint)}: {type(exc).__name__} {exc}".rstrip())
+                continue
+            if response.status_code in _RETRY_ON_NEXT_ENDPOINT:
+                failures.append(f"{_redact(endpoint)}: {_error_text(response)}")
+                continue
+            self._preferred = index
+            return _decode(response, _redact(endpoint))
+        raise EtcdUnavailableError(self.endpoints, "; ".join(failures))
+
+    async def _open_watch(self, start_revision: int) -> httpx.Response:
+        prefix = self._prefix.encode()
+        body = {
+            "create_request": {
+                "key": _b64(prefix),
+                "range_end": _b64(_prefix_range_end(prefix)),
+                "start_revision": str(start_revision),
+            }
+        }
+        failures: list[str] = []
+        for index in self._endpoint_order():
+            endpoint = self._endpoints[index]
+            request = self._client.build_request(
+                "POST", endpoint + "/v3/watch", json=body, timeout=httpx.Timeout(self._timeout, read=None)
+            )
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                failures.append(f"{_redact(endpoint)}: {type(exc).__name__} {exc}".rstrip())
+                continue
+            if response.is_error:
+                await response.aread()
+                failures.append(f"{_redact(endpoint)}: {_error_text(response)}")
+                await response.aclose()
+                continue
+            self._preferred = index
+            return response
+        raise EtcdUnavailableError(self.endpoints, "; ".join(failures))
+
+    async def _grant(self) -> int:
+        result = await self._post("/v3/lease/grant", {"TTL": str(self._ttl)})
+        return int(result["ID"])
+
+    async def _keep_alive(self, lease: int) -> bool:
+        """Renew `lease`; False when etcd no longer knows it (its answer then carries no TTL, or TTL 0)."""
+        result = await self._post("/v3/lease/keepalive", {"ID": str(lease)})
+        return int(result.get("TTL", 0)) > 0
+
+    async def _revoke(self, lease: int) -> None:
+        try:
+            await self._post("/v3/lease/revoke", {"ID": str(lease)})
+        except EtcdError as exc:
+            if _LEASE_NOT_FOUND not in exc.message or isinstance(exc, EtcdUnavailableError):
+                raise
+
+    async def _write(self, node_id: str, registration: _Registration) -> None:
+        """Put the node's record with its lease, granting a lease when it has none or etcd lost it."""
+        record = {
+            "node_id": node_id,
+            "url": registration.url,
+            "metadata": registration.metadata,
+            "registered_at": time.time(),
+        }
+        value = _b64(json.dumps(record, separators=(",", ":")).encode())
+        for attempt in (1, 2):
+            if registration.lease is None:
+                registration.lease = await self._grant()
+            try:
+                await self._post(
+                    "/v3/kv/put",
+                    {"key": _b64(self._key(node_id)), "value": value, "lease": str(registration.lease)},
+                )
+                return
+            except EtcdError as exc:
+                # The lease can expire between keep-alive and put; one fresh lease settles it.
+                if attempt == 2 or _LEASE_NOT_FOUND not in exc.message or isinstance(exc, EtcdUnavailableError):
+                    raise
+                registration.lease = None
+
+    async def _snapshot(self) -> tuple[dict[str, DiscoveredNode], int]:
+        prefix = self._prefix.encode()
+        result = await self._post("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_range_end(prefix))})
+        nodes: dict[str, DiscoveredNode] = {}
+        for kv in result.get("kvs", []):
+            node = self._decode_node(kv)
+            if node is not None:
+                nodes[node.node_id] = node
+        return nodes, int(result.get("header", {}).get("revision", 0))
+
+    def _node_id_of(self, kv: dict[str, Any]) -> str | None:
+        try:
+            key = base64.b64decode(kv.get("key", ""), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not key.startswith(self._prefix):
+            return None
+        try:
+            return validate_node_id(key[len(self._prefix) :])
+        except ValueError:
+            return None
+
+    def _decode_node(self, kv: dict[str, Any]) -> DiscoveredNode | None:
+        node_id = self._node_id_of(kv)
+        try:
+            if node_id is None:
+                raise ValueError(f"key is not {self._prefix!r} followed by a valid node id")
+            record = json.loads(base64.b64decode(kv.get("value", ""), validate=True))
+            if not isinstance(record, dict):
+                raise ValueError("record is not a JSON object")
+            if record.get("node_id") != node_id:
+                raise ValueError(f"record names node {record.get('node_id')!r}")
+            registered_at = record.get("registered_at")
+            if isinstance(registered_at, bool) or not isinstance(registered_at, int | float):
+                raise ValueError("registered_at is not a number")
+            return DiscoveredNode(
+                node_id=node_id,
+                url=normalize_url(record.get("url")),
+                discovered_at=float(registered_at),
+                metadata=validate_metadata(record.get("metadata")),
+            )
+        except (ValueError, UnicodeDecodeError) as exc:
+            logger.warning("skipping undecodable etcd entry %r: %s", kv.get("key"), exc)
+            return None
+
+    def _change(self, kind: str, kv: dict[str, Any], known: dict[str, DiscoveredNode]) -> NodeChange | None:
+        if kind == "DELETE":
+            node_id = self._node_id_of(kv)
+            if node_id is None:
+                return None
+            known.pop(node_id, None)
+            return NodeChange("leave", node_id)
+        node = self._decode_node(kv)
+        if node is None:
+            # A record overwritten with garbage no longer describes a reachable node.
+            node_id = self._node_id_of(kv)
+            if node_id is not None and known.pop(node_id, None) is not None:
+                return NodeChange("leave", node_id)
+            return None
+        known[node.node_id] = node
+        return NodeChange("join", node.node_id, node)
+
+
+def _diff(before: dict[str, DiscoveredNode], after: dict[str, DiscoveredNode]) -> list[NodeChange]:
+    changes = [NodeChange("leave", node_id) for node_id in before if node_id not in after]
+    changes += [NodeChange("join", node_id, node) for node_id, node in after.items() if before.get(node_id) != node]
+    return changes
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):  # errors inside a stream are objects
+            return str(error.get("message", error))
+        if error is not None:
+            return str(body.get("message") or error)
+    return f"HTTP {response.status_code}: {response.text[:200]}"
+
+
+def _decode(response: httpx.Response, endpoint: str) -> dict[str, Any]:
+    if response.is_error:
+        raise EtcdError(response.status_code, _error_text(response), endpoint)
+    # Streaming RPCs (keep-alive) answer with one `{"result": ...}` or `{"error": ...}` line.
+    text = response.text.strip().splitlines()[0] if response.text.strip() else ""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        raise EtcdError(response.status_code, f"unreadable answer {text[:200]!r}", endpoint) from None
+    if not isinstance(body, dict):
+        raise EtcdError(response.status_code, f"unreadable answer {text[:200]!r}", endpoint)
+    if "error" in body:
+        error = body["error"]
+        message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+        raise EtcdError(response.status_code, str(message), endpoint)
+    result = body.get("result", body)
+    return result if isinstance(result, dict) else {}
+
+
+def _watch_message(line: str) -> dict[str, Any] | None:
+    """The `result` of one watch stream line; None for a blank line. A stream error ends the stream."""
+    if not line.strip():
+        return None
+    try:
+        body = json.loads(line)
+    except ValueError:
+        raise httpx.DecodingError(f"unreadable watch message {line[:200]!r}") from None
+    if not isinstance(body, dict) or "result" not in body or not isinstance(body["result"], dict):
+        raise httpx.DecodingError(f"watch stream error {line[:200]!r}")
+    result: dict[str, Any] = body["result"]
+    return result
