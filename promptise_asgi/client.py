@@ -1,0 +1,316 @@
+"""The async client for one node's HTTP API (SPEC section 3), on httpx and anyio (asyncio and trio).
+
+`NodeClient` turns every answer into decoded JSON or into one of the package's node errors (`NodeError`,
+`NodeUnreachableError`, `NodeTimeoutError`, defined in `_errors` and re-exported here). It knows the node's
+URL layout and nothing of the runtime, the transport app, Starlette or discovery.
+"""
+
+from __future__ import annotations
+
+import math
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import anyio
+import httpx
+
+from promptise_asgi._errors import NodeError, NodeTimeoutError, NodeUnreachableError
+from promptise_asgi._validation import normalize_url
+
+__all__ = ["NodeClient", "NodeError", "NodeTimeoutError", "NodeUnreachableError"]
+
+# An error page can be large (an HTML 502 from a proxy); keep exception messages readable.
+_MAX_MESSAGE_CHARS = 500
+
+
+def _check_token(auth_token: str | None) -> dict[str, str]:
+    if auth_token is None:
+        return {}
+    if (
+        not isinstance(auth_token, str)
+        or not auth_token.strip()
+        or not auth_token.isascii()
+        or not auth_token.isprintable()
+    ):
+        # Never echo the value: it is a secret even when it is malformed.
+        raise ValueError("auth_token must be a non-empty string of printable ASCII characters")
+    return {"Authorization": f"Bearer {auth_token}"}
+
+
+def _check_timeout(timeout: float) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout):
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
+    return float(timeout)
+
+
+def _check_base_url(url: str) -> str:
+    base = normalize_url(url)
+    parts = urlsplit(base)
+    if parts.query or parts.fragment:
+        raise ValueError("url must be a base URL without a query or fragment")
+    return base
+
+
+def _redacted(url: str) -> str:
+    # A password in the URL's userinfo would otherwise leak into reprs and exception messages.
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
+
+
+def _segment(name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise ValueError("process name must be a non-empty string")
+    segment = quote(name, safe="")
+    # quote() leaves dots alone, and a bare "." or ".." segment would be resolved away by URL normalisation.
+    if segment in (".", ".."):
+        segment = segment.replace(".", "%2E")
+    return segment
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        message: str = body["error"]
+    else:
+        message = response.text.strip() or response.reason_phrase or "no message"
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = message[:_MAX_MESSAGE_CHARS] + "..."
+    return message
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class NodeClient:
+    """An async client for one node's HTTP API, holding one connection pool.
+
+    Use it as an async context manager (or call `aclose()`); it works on asyncio and trio. Every method
+    returns the node's decoded JSON. Process names are sent percent-encoded as one path segment, and a base
+    URL with a path prefix (a node mounted at `/runtime`) works. The token is sent as
+    `Authorization: Bearer ...` and never appears in `repr()` or in exception messages.
+
+    `timeout` bounds each call as a whole (connecting, sending and reading together), not each step.
+
+    Args:
+        url: the node's http(s) base URL, e.g. `http://10.0.0.5:9100` or `http://host:8000/runtime`.
+        auth_token: the node's bearer token, or None for an unauthenticated node.
+        timeout: seconds a call may take before `NodeTimeoutError` (finite, > 0).
+        transport: a custom httpx transport, e.g. `httpx.ASGITransport(app)` to talk to an app in-process.
+
+    Raises:
+        ValueError: the URL, token or timeout is invalid.
+    """
+
+    __slots__ = (
+        "_base",
+        "_client",
+        "_display",
+        "_has_token",
+        "_headers",
+        "_httpx_timeout",
+        "_owns_client",
+        "_timeout",
+    )
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        auth_token: str | None = None,
+        timeout: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = _check_token(auth_token)
+        self._setup(url, timeout, bool(headers))
+        # An owned pool carries the token itself, so requests need no per-call header merge.
+        self._client = httpx.AsyncClient(transport=transport, timeout=self._httpx_timeout, headers=headers)
+        self._headers: dict[str, str] | None = None
+        self._owns_client = True
+
+    @classmethod
+    def from_client(
+        cls,
+        client: httpx.AsyncClient,
+        url: str,
+        *,
+        auth_token: str | None = None,
+        timeout: float = 5.0,
+    ) -> NodeClient:
+        """Build a client for one node on top of a shared `httpx.AsyncClient` (one pool for many nodes).
+
+        The shared client stays owned by the caller: `aclose()` on the returned `NodeClient` does not close
+        it, and the caller closes it once after every `NodeClient` built on it is done. Size its pool
+        (`httpx.Limits(max_connections=...)`) for the fan-out, since requests beyond the pool limit wait for a
+        free connection (and that wait counts against `timeout`). Leave `base_url` unset on the shared client.
+
+        Args:
+            client: the shared httpx client.
+            url: the node's http(s) base URL.
+            auth_token: the node's bearer token, sent on each request, or None.
+            timeout: seconds a call may take before `NodeTimeoutError`.
+
+        Returns:
+            A `NodeClient` that does not own `client`.
+
+        Raises:
+            ValueError: the URL, token or timeout is invalid.
+        """
+        self = cls.__new__(cls)
+        headers = _check_token(auth_token)
+        self._setup(url, timeout, bool(headers))
+        self._client = client
+        self._headers = headers or None
+        self._owns_client = False
+        return self
+
+    def _setup(self, url: str, timeout: float, has_token: bool) -> None:
+        self._has_token = has_token
+        self._base = _check_base_url(url)
+        self._display = _redacted(self._base)
+        self._timeout = _check_timeout(timeout)
+        self._httpx_timeout = httpx.Timeout(self._timeout)
+
+    @property
+    def url(self) -> str:
+        """The node's base URL, trailing slashes stripped."""
+        return self._base
+
+    async def __aenter__(self) -> NodeClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool, unless it is a shared one (see `from_client`)."""
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def request(self, method: str, path: str, json: Any = None) -> Any:
+        """Send one request to the node and return its decoded JSON (None for an empty 2xx body).
+
+        Args:
+            method: the HTTP method, e.g. `"GET"`.
+            path: the path below the base URL, already percent-encoded, e.g. `"/processes/a%20b/start"`.
+            json: a JSON body to send, or None for no body.
+
+        Returns:
+            The decoded JSON of a 2xx answer.
+
+        Raises:
+            NodeError: the node answered non-2xx (or a 2xx that is not JSON); `.status_code` and `.message`
+                carry its status and its `{"error": ...}` text (or the start of the body).
+            NodeTimeoutError: no complete answer within `timeout`.
+            NodeUnreachableError: the connection was refused, reset or broken.
+        """
+        if not path.startswith("/"):
+            path = "/" + path
+        url = self._base + path
+        response: httpx.Response | None = None
+        try:
+            with anyio.move_on_after(self._timeout):
+                response = await self._client.request(
+                    method, url, json=json, headers=self._headers, timeout=self._httpx_timeout
+                )
+        except httpx.TimeoutException as exc:
+            raise NodeTimeoutError(self._display + path, _reason(exc)) from exc
+        except httpx.RequestError as exc:
+            raise NodeUnreachableError(self._display + path, _reason(exc)) from exc
+        if response is None:
+            raise NodeTimeoutError(self._display + path, f"no complete answer within {self._timeout}s")
+        if not response.is_success:
+            raise NodeError(response.status_code, _error_message(response), self._display + path)
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise NodeError(response.status_code, "the node's answer is not valid JSON", self._display + path) from None
+
+    async def _object(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
+        result = await self.request(method, path, json)
+        if not isinstance(result, dict):
+            raise NodeError(200, f"expected a JSON object, got {type(result).__name__}", self._display + path)
+        return result
+
+    async def health(self) -> dict[str, Any]:
+        """GET /health: `{"status", "node_id", "process_count"}` (open even on authenticated nodes)."""
+        return await self._object("GET", "/health")
+
+    async def status(self) -> dict[str, Any]:
+        """GET /status: the runtime's status plus `"node_id"`."""
+        return await self._object("GET", "/status")
+
+    async def processes(self) -> dict[str, Any]:
+        """GET /processes: `{"node_id", "processes": [{"name", "state", "process_id"}, ...]}`."""
+        return await self._object("GET", "/processes")
+
+    async def process_status(self, name: str) -> dict[str, Any]:
+        """GET /processes/{name}/status: the process status dict.
+
+        Raises:
+            ValueError: `name` is empty.
+            NodeError: e.g. 404 when the process does not exist.
+        """
+        return await self._object("GET", f"/processes/{_segment(name)}/status")
+
+    async def start(self, name: str) -> dict[str, Any]:
+        """POST /processes/{name}/start: `{"status": "started", "name", "changed"}`."""
+        return await self._object("POST", f"/processes/{_segment(name)}/start")
+
+    async def stop(self, name: str) -> dict[str, Any]:
+        """POST /processes/{name}/stop: `{"status": "stopped", "name", "changed"}`."""
+        return await self._object("POST", f"/processes/{_segment(name)}/stop")
+
+    async def restart(self, name: str) -> dict[str, Any]:
+        """POST /processes/{name}/restart: `{"status": "restarted", "name"}`."""
+        return await self._object("POST", f"/processes/{_segment(name)}/restart")
+
+    async def inject_event(
+        self,
+        name: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        trigger_id: str = "remote",
+        trigger_type: str = "remote",
+        metadata: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """POST /processes/{name}/event: queue an event; returns `{"status": "injected", "event_id", ...}`.
+
+        Args:
+            name: the process name.
+            payload: the event payload (a JSON object); None sends `{}`.
+            trigger_id: the event's trigger id.
+            trigger_type: the event's trigger type.
+            metadata: the event metadata (a JSON object); None sends `{}`.
+
+        Raises:
+            NodeError: e.g. 404 unknown process, 400 bad body, 413 too large, 429 queue full.
+        """
+        body = {
+            "trigger_id": trigger_id,
+            "trigger_type": trigger_type,
+            "payload": {} if payload is None else payload,
+            "metadata": {} if metadata is None else metadata,
+        }
+        return await self._object("POST", f"/processes/{_segment(name)}/event", body)
+
+    def __repr__(self) -> str:
+        token = "'***'" if self._has_token else "None"
+        return f"NodeClient({self._display!r}, auth_token={token}, timeout={self._timeout})"
