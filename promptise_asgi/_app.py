@@ -1,0 +1,82 @@
+"""`promptise_asgi.app`: the node that `uvicorn promptise_asgi:app` and `hypercorn promptise_asgi:app` serve.
+
+It is a real module attribute (servers look it up in the module namespace), built from the environment
+when the server's lifespan starts: `PROMPTISE_CONFIG` or `./promptise.toml` or the built-in demo, plus
+`PROMPTISE_NODE_ID`, `PROMPTISE_AUTH_TOKEN`, `PROMPTISE_COORDINATOR_URL` and `PROMPTISE_ADVERTISE_URL`.
+A bad config is reported as `lifespan.startup.failed`, so the server exits instead of serving a broken node.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AsyncExitStack
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ._http import error_response
+from ._node_app import create_transport_app, node_lifespan
+from ._registration import registration_for
+from .config import NodeSettings, resolve_settings
+
+__all__ = ["NodeApp", "app"]
+
+logger = logging.getLogger("promptise_asgi")
+
+
+class NodeApp:
+    """An ASGI app that builds and runs a node from the environment during the server's lifespan.
+
+    Args:
+        overrides: settings that win over the environment and the file (used by the command line).
+    """
+
+    def __init__(self, overrides: dict[str, Any] | None = None) -> None:
+        self.overrides = overrides or {}
+        self.settings: NodeSettings | None = None
+        self._app: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif self._app is not None:
+            await self._app(scope, receive, send)
+        elif scope["type"] == "http":
+            message = "Node not started: the server must run the ASGI lifespan (e.g. uvicorn --lifespan on)"
+            await error_response(503, message)(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        stack = AsyncExitStack()
+        try:
+            settings = resolve_settings(overrides=self.overrides)
+            runtime = await settings.build_runtime()
+            app = create_transport_app(
+                runtime,
+                settings.node_id,
+                auth_token=settings.auth_token,
+                max_body_bytes=settings.max_body_bytes,
+            )
+            await stack.enter_async_context(node_lifespan(app))
+            registration = registration_for(settings)
+            if registration is not None:
+                await registration.start()
+                stack.push_async_callback(registration.stop)
+        except Exception as exc:
+            await stack.aclose()
+            logger.error("node failed to start: %s", exc)
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        self.settings, self._app = settings, app
+        logger.info("node %s ready (%d processes, from %s)", settings.node_id, len(settings.processes), settings.source)
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        try:
+            await stack.aclose()
+        except Exception as exc:
+            await send({"type": "lifespan.shutdown.failed", "message": str(exc)})
+        else:
+            await send({"type": "lifespan.shutdown.complete"})
+
+
+app = NodeApp()

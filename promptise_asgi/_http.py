@@ -1,0 +1,206 @@
+"""HTTP plumbing shared by the node app and the coordinator app.
+
+The JSON response class, the one place where exceptions become `{"error": ...}` answers, bounded body
+reading, and the request guard (bearer tokens, loopback Host/Origin checks). Knows Starlette, not the runtime.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
+
+__all__ = [
+    "JSONResponse",
+    "NodeGuard",
+    "error_response",
+    "exception_handlers",
+    "is_loopback_host",
+    "normalize_tokens",
+    "read_json_object",
+]
+
+logger = logging.getLogger("promptise_asgi.http")
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
+
+
+class JSONResponse(Response):
+    """A compact JSON response (`application/json`); NaN and infinities are refused, not emitted."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def error_response(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """Return the error body every route uses: `{"error": message}`."""
+    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, str(exc.detail), exc.headers)
+
+
+async def _unexpected_exception(request: Request, exc: Exception) -> Response:
+    # Starlette's ServerErrorMiddleware logs the traceback and re-raises for the server; the client only
+    # learns that something failed, never how.
+    return error_response(500, "Internal server error")
+
+
+def exception_handlers() -> dict[Any, ExceptionHandler]:
+    """The exception handlers that turn every failure into a JSON error body."""
+    return {HTTPException: _http_exception, Exception: _unexpected_exception}
+
+
+async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+    """Read the request body as a JSON object, refusing more than `max_bytes` while streaming.
+
+    Raises:
+        HTTPException: 413 past the limit, 400 for a body that is not JSON or not an object.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise HTTPException(413, f"Body larger than {max_bytes} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise HTTPException(413, f"Body larger than {max_bytes} bytes")
+        chunks.append(chunk)
+    try:
+        data = json.loads(b"".join(chunks))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        raise HTTPException(400, "Invalid JSON body") from None
+    if not isinstance(data, dict):
+        raise HTTPException(400, "Body must be a JSON object")
+    return data
+
+
+def normalize_tokens(auth_token: str | Sequence[str] | None) -> tuple[bytes, ...]:
+    """Validate `auth_token` (one string, several for rotation, or None) and return the tokens as bytes.
+
+    Raises:
+        ValueError: a token is empty or blank, or the sequence is empty.
+    """
+    if auth_token is None:
+        return ()
+    tokens = [auth_token] if isinstance(auth_token, str) else list(auth_token)
+    if not tokens or any(not isinstance(t, str) or not t.strip() for t in tokens):
+        raise ValueError("auth_token must be a non-empty string, a non-empty list of them, or None")
+    return tuple(t.encode() for t in tokens)
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost`, 127.0.0.0/8 and ::1 (with or without brackets)."""
+    host = host.strip().lower().strip("[]")
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_of_header(value: str) -> str:
+    value = value.strip()
+    if value.startswith("["):
+        return value[1 : value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _host_of_origin(origin: str) -> str | None:
+    scheme, sep, rest = origin.partition("://")
+    if not sep or scheme not in ("http", "https"):
+        return None
+    return _host_of_header(rest.split("/", 1)[0])
+
+
+class NodeGuard:
+    """Pure ASGI middleware: bearer-token auth, or loopback Host/Origin checks when there is no token.
+
+    With tokens, every path except `open_paths` needs `Authorization: Bearer <token>` (scheme
+    case-insensitive, constant-time compare against every token). Without tokens, unless `enabled` is
+    False, a non-loopback `Host` gets 421 and a non-loopback `Origin` (including `null`) gets 403, so a web
+    page cannot drive a local node (DNS rebinding and cross-site requests).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        tokens: Iterable[bytes] = (),
+        open_paths: Collection[str] = (),
+        trusted_hosts: Collection[str] = (),
+        enabled: bool = True,
+    ) -> None:
+        self.app = app
+        self.tokens = tuple(tokens)
+        self.open_paths = frozenset(open_paths)
+        self.trusted_hosts = frozenset(h.lower() for h in trusted_hosts)
+        self.enabled = enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.enabled:
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await refusal(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> Response | None:
+        if self.tokens:
+            if _route_path(scope) in self.open_paths or self._authorized(scope):
+                return None
+            return error_response(401, "Unauthorized", {"WWW-Authenticate": "Bearer"})
+        host = origin = None
+        for key, value in scope["headers"]:
+            if key == b"host":
+                host = value.decode("latin-1")
+            elif key == b"origin":
+                origin = value.decode("latin-1")
+        if host is not None and not self._trusted(_host_of_header(host)):
+            return error_response(421, "Misdirected request")
+        if origin is not None:
+            origin_host = _host_of_origin(origin)
+            if origin_host is None or not self._trusted(origin_host):
+                return error_response(403, "Cross-origin request refused")
+        return None
+
+    def _trusted(self, host: str) -> bool:
+        return is_loopback_host(host) or host.lower() in self.trusted_hosts
+
+    def _authorized(self, scope: Scope) -> bool:
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                scheme, _, credentials = value.partition(b" ")
+                if scheme.lower() != b"bearer":
+                    return False
+                presented = credentials.strip()
+                # Compare against every token so timing does not reveal which one (or whether any) matched.
+                matched = False
+                for token in self.tokens:
+                    matched |= hmac.compare_digest(presented, token)
+                return matched
+        return False
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :] or "/"
+    return path

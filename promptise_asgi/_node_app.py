@@ -1,0 +1,276 @@
+"""The node's HTTP API (SPEC section 3) as a Starlette app, and the lifespan that runs its runtime.
+
+The runtime is known only through the Protocol in `_protocol` and the adapters in `_promptise_compat`;
+nothing here knows which server runs the app or how nodes are discovered.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import _promptise_compat as compat
+from ._http import (
+    JSONResponse,
+    NodeGuard,
+    error_response,
+    exception_handlers,
+    normalize_tokens,
+    read_json_object,
+)
+from ._metrics import build_registry, metrics_endpoint
+from ._openapi import node_openapi
+from ._protocol import RuntimeLike
+
+__all__ = ["create_transport_app", "node_lifespan"]
+
+logger = logging.getLogger("promptise_asgi.transport")
+
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+PROBE_PATHS = ("/health", "/livez", "/readyz")
+
+Phase = Literal["starting", "ready", "draining", "stopped"]
+
+
+@dataclass(eq=False)
+class _Node:
+    runtime: RuntimeLike
+    node_id: str
+    max_body_bytes: int
+    retry_after: int
+    secured: bool
+    phase: Phase = "starting"
+
+    def process(self, name: str) -> Any:
+        if name not in self.runtime.processes:
+            raise HTTPException(404, f"Process '{name}' not found")
+        return self.runtime.get_process(name)
+
+
+def _node(request: Request) -> _Node:
+    node: _Node = request.app.state.node
+    return node
+
+
+async def health(request: Request) -> Response:
+    node = _node(request)
+    return JSONResponse({"status": "healthy", "node_id": node.node_id, "process_count": len(node.runtime.processes)})
+
+
+async def livez(request: Request) -> Response:
+    return JSONResponse({"status": "alive"})
+
+
+async def readyz(request: Request) -> Response:
+    node = _node(request)
+    if node.phase == "ready":
+        return JSONResponse({"status": "ready", "node_id": node.node_id})
+    return JSONResponse({"error": f"Node is not ready ({node.phase})", "status": node.phase}, status_code=503)
+
+
+async def status(request: Request) -> Response:
+    node = _node(request)
+    return JSONResponse({**node.runtime.status(), "node_id": node.node_id})
+
+
+async def list_processes(request: Request) -> Response:
+    node = _node(request)
+    processes = [
+        {"name": name, "state": compat.state_name(process), "process_id": process.process_id}
+        for name, process in node.runtime.processes.items()
+    ]
+    return JSONResponse({"node_id": node.node_id, "processes": processes})
+
+
+async def process_status(request: Request) -> Response:
+    return JSONResponse(_node(request).process(request.path_params["name"]).status())
+
+
+async def start_process(request: Request) -> Response:
+    node, name = _node(request), request.path_params["name"]
+    node.process(name)
+    changed = await _lifecycle("start", compat.start_process(node.runtime, name), name)
+    return JSONResponse({"status": "started", "name": name, "changed": changed})
+
+
+async def stop_process(request: Request) -> Response:
+    node, name = _node(request), request.path_params["name"]
+    node.process(name)
+    changed = await _lifecycle("stop", compat.stop_process(node.runtime, name), name)
+    return JSONResponse({"status": "stopped", "name": name, "changed": changed})
+
+
+async def restart_process(request: Request) -> Response:
+    node, name = _node(request), request.path_params["name"]
+    node.process(name)
+    await _lifecycle("restart", compat.restart_process(node.runtime, name), name)
+    return JSONResponse({"status": "restarted", "name": name})
+
+
+async def _lifecycle(action: str, operation: Any, name: str) -> Any:
+    # A process that fails to start (a bad handler, a model it cannot build) is a server-side fault the
+    # operator must see: answer 500 with the runtime's own message rather than a bare "Internal error".
+    try:
+        return await operation
+    except Exception as exc:
+        logger.warning("%s of process %r failed: %s", action, name, exc)
+        raise HTTPException(500, f"Failed to {action} process '{name}': {exc}") from exc
+
+
+async def inject_event(request: Request) -> Response:
+    node, name = _node(request), request.path_params["name"]
+    process = node.process(name)
+    body = await read_json_object(request, node.max_body_bytes)
+    payload = _object_field(body, "payload")
+    metadata = _object_field(body, "metadata")
+    event = compat.make_event(
+        process,
+        trigger_id=_text_field(body, "trigger_id"),
+        trigger_type=_text_field(body, "trigger_type"),
+        payload=payload,
+        metadata=metadata,
+    )
+    try:
+        await compat.inject(process, event)
+    except Exception as exc:
+        retry_after = compat.queue_full_retry_after(exc)
+        if retry_after is None:
+            raise
+        seconds = str(max(1, round(retry_after)))
+        return error_response(429, str(exc), {"Retry-After": seconds})
+    return JSONResponse({"status": "injected", "event_id": compat.event_id_of(event), "process": name}, status_code=202)
+
+
+def _object_field(body: dict[str, Any], key: str) -> dict[str, Any]:
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise HTTPException(400, f"{key} must be a JSON object")
+    return value
+
+
+def _text_field(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if value is None or value == "":
+        return "remote"
+    if isinstance(value, dict | list):
+        raise HTTPException(400, f"{key} must be a string")
+    return str(value)
+
+
+async def openapi(request: Request) -> Response:
+    node = _node(request)
+    return JSONResponse(node_openapi(request.scope.get("root_path", ""), secured=node.secured))
+
+
+def create_transport_app(
+    runtime: RuntimeLike,
+    node_id: str = "node-1",
+    *,
+    auth_token: str | Sequence[str] | None = None,
+    allow_unauthenticated: bool = False,
+    trusted_hosts: Sequence[str] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    retry_after: int = 1,
+    manage_runtime: bool = False,
+) -> Starlette:
+    """Build the node's HTTP API (SPEC section 3) over `runtime`.
+
+    Args:
+        runtime: the built-in `AgentRuntime`, a `promptise` `AgentRuntime`, or anything with that shape.
+        node_id: the id this node reports.
+        auth_token: a bearer token, or several (rotation). Every route but `/health`, `/livez` and `/readyz`
+            then needs `Authorization: Bearer <token>`.
+        allow_unauthenticated: with no token, skip the loopback Host/Origin guard (for a node behind an
+            authenticating proxy or on a private network). Off by default.
+        trusted_hosts: host names accepted besides loopback by the guard that runs when there is no token.
+        max_body_bytes: the largest event body accepted (413 past it, refused while streaming).
+        retry_after: seconds sent in `Retry-After` when a process queue is full.
+        manage_runtime: start the runtime when the app's lifespan starts and stop it at shutdown. Leave it
+            off when mounting (mounted apps get no lifespan events) and use `node_lifespan` instead.
+
+    Returns:
+        A Starlette app; `app.state.node_id` and `app.state.runtime` expose what it serves.
+
+    Raises:
+        ValueError: a blank token, or a non-positive `max_body_bytes`.
+    """
+    tokens = normalize_tokens(auth_token)
+    if max_body_bytes < 1:
+        raise ValueError("max_body_bytes must be a positive number of bytes")
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/livez", livez, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/status", status, methods=["GET"]),
+        Route("/processes", list_processes, methods=["GET"]),
+        Route("/processes/{name}/status", process_status, methods=["GET"]),
+        Route("/processes/{name}/start", start_process, methods=["POST"]),
+        Route("/processes/{name}/stop", stop_process, methods=["POST"]),
+        Route("/processes/{name}/restart", restart_process, methods=["POST"]),
+        Route("/processes/{name}/event", inject_event, methods=["POST"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    guard = Middleware(
+        NodeGuard,
+        tokens=tokens,
+        open_paths=PROBE_PATHS,
+        trusted_hosts=trusted_hosts,
+        enabled=bool(tokens) or not allow_unauthenticated,
+    )
+    app = Starlette(
+        routes=routes,
+        middleware=[guard],
+        exception_handlers=exception_handlers(),
+        lifespan=node_lifespan if manage_runtime else None,
+    )
+    # A trailing-slash redirect would point outside the mount under some proxies; an exact 404 is clearer.
+    app.router.redirect_slashes = False
+    app.state.node = _Node(runtime, node_id, max_body_bytes, retry_after, secured=bool(tokens))
+    app.state.node_id = node_id
+    app.state.runtime = runtime
+    app.state.metrics_registry = build_registry(node_id, runtime)
+    return app
+
+
+@asynccontextmanager
+async def node_lifespan(app: Starlette) -> AsyncIterator[None]:
+    """Start the runtime behind a transport app, and drain and stop it on exit.
+
+    `/readyz` answers 503 before this starts, 200 inside it, and 503 again while draining and after.
+    Use it in a host app's own lifespan when the transport app is mounted::
+
+        node = create_transport_app(runtime, node_id="node-1")
+
+        @asynccontextmanager
+        async def lifespan(app):
+            async with node_lifespan(node):
+                yield
+
+    Args:
+        app: an app built by `create_transport_app`.
+    """
+    node: _Node = app.state.node
+    node.phase = "starting"
+    await node.runtime.start_all()
+    node.phase = "ready"
+    try:
+        yield
+    finally:
+        node.phase = "draining"
+        try:
+            await node.runtime.stop_all()
+        finally:
+            node.phase = "stopped"

@@ -1,0 +1,324 @@
+"""`RuntimeTransport`: serve a node app in-process with uvicorn (asyncio) or hypercorn (asyncio or trio).
+
+We bind the listening socket ourselves, so a port in use is a plain `OSError` raised by `start()` and
+`port=0` reports the port the kernel chose, then hand that socket to the server. The server never installs
+signal handlers: the host program owns SIGINT/SIGTERM. Knows servers and sockets, not the HTTP API.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from collections.abc import Sequence
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, Literal
+
+import anyio
+import sniffio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._http import is_loopback_host, normalize_tokens
+from ._node_app import create_transport_app, node_lifespan
+from ._protocol import RuntimeLike
+from ._tasks import spawn_detached
+
+__all__ = ["RuntimeTransport"]
+
+logger = logging.getLogger("promptise_asgi.transport")
+
+ServerName = Literal["uvicorn", "hypercorn"]
+
+
+class RuntimeTransport:
+    """Serve a runtime's node API on a socket, in the current event loop.
+
+    Example::
+
+        async with RuntimeTransport(runtime, port=9100, node_id="node-1"):
+            ...  # the node answers on http://127.0.0.1:9100
+
+    Args:
+        runtime: the runtime to serve (started by `start()`, stopped by `stop()`).
+        host: interface to bind. A non-loopback host needs `auth_token` or `allow_unauthenticated=True`.
+        port: TCP port; 0 picks a free one (read it back from `.port` after `start()`).
+        node_id: the id this node reports (and registers under, with `discovery`).
+        auth_token: bearer token(s) required on every route but the probes.
+        allow_unauthenticated: permit a non-loopback bind with no token, and drop the loopback guard.
+        server: "uvicorn" (default on asyncio) or "hypercorn" (default, and the only choice, on trio).
+        ssl_certfile: TLS certificate file passed to the server.
+        ssl_keyfile: TLS key file passed to the server.
+        discovery: a `ProcessDiscovery` to register this node with while it runs.
+        advertise_url: the URL other machines reach this node at (default: `.url`).
+        heartbeat_interval: seconds between heartbeats (default: the backend's ttl / 3, else 10).
+        graceful_timeout: seconds `stop()` lets in-flight requests finish.
+        log_level: the server's log level.
+        **app_options: passed to `create_transport_app` (`max_body_bytes`, `trusted_hosts`, ...).
+
+    Raises:
+        ValueError: a blank token, an unknown server, or a non-loopback host without a token.
+    """
+
+    def __init__(
+        self,
+        runtime: RuntimeLike,
+        host: str = "127.0.0.1",
+        port: int = 9100,
+        node_id: str = "node-1",
+        *,
+        auth_token: str | Sequence[str] | None = None,
+        allow_unauthenticated: bool = False,
+        server: ServerName | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+        discovery: Any = None,
+        advertise_url: str | None = None,
+        heartbeat_interval: float | None = None,
+        graceful_timeout: float = 5.0,
+        log_level: str = "warning",
+        **app_options: Any,
+    ) -> None:
+        tokens = normalize_tokens(auth_token)
+        if not tokens and not allow_unauthenticated and not is_loopback_host(host):
+            raise ValueError(
+                f"RuntimeTransport {node_id}: refusing to bind {host!r} without auth_token: anyone who can "
+                "reach the port could start, stop and drive this runtime's agents. Pass auth_token=..., "
+                "bind 127.0.0.1, or set allow_unauthenticated=True if an authenticating proxy or private "
+                "network protects the port."
+            )
+        if server not in (None, "uvicorn", "hypercorn"):
+            raise ValueError(f"server must be 'uvicorn' or 'hypercorn', not {server!r}")
+        if (ssl_certfile is None) != (ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile must be given together")
+        self.runtime = runtime
+        self.host = host
+        self.node_id = node_id
+        self.server = server
+        self.ssl_certfile = ssl_certfile
+        self.ssl_keyfile = ssl_keyfile
+        self.discovery = discovery
+        self.advertise_url = advertise_url
+        self.heartbeat_interval = heartbeat_interval
+        self.graceful_timeout = graceful_timeout
+        self.log_level = log_level
+        self.app = create_transport_app(
+            runtime,
+            node_id,
+            auth_token=auth_token,
+            allow_unauthenticated=allow_unauthenticated,
+            **app_options,
+        )
+        self._requested_port = port
+        self._bound_port: int | None = None
+        self._stack: AsyncExitStack | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port while running; the requested port otherwise."""
+        return self._bound_port if self._bound_port is not None else self._requested_port
+
+    @property
+    def url(self) -> str:
+        """The base URL of this node (loopback form when bound to a wildcard address)."""
+        host = self.host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if self.ssl_certfile else "http"
+        return f"{scheme}://{host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        """True between a successful `start()` and `stop()`."""
+        return self._stack is not None
+
+    def __repr__(self) -> str:
+        return f"RuntimeTransport(node={self.node_id!r}, url={self.url!r}, running={self.running})"
+
+    async def start(self) -> None:
+        """Bind, start the runtime, start the server, and return once it accepts requests.
+
+        Raises:
+            OSError: the address could not be bound (for example, the port is in use).
+            RuntimeError: already running, the server failed to start, or uvicorn was asked for under trio.
+        """
+        if self._stack is not None:
+            raise RuntimeError(f"{self!r} is already running")
+        server = self._server_name()
+        sock = _bind(self.host, self._requested_port)
+        async with AsyncExitStack() as stack:
+            stack.callback(sock.close)
+            self._bound_port = sock.getsockname()[1]
+            stack.callback(self._forget_port)
+            await stack.enter_async_context(node_lifespan(self.app))
+            runner = _ServerRunner(self, server, sock)
+            await runner.start()
+            stack.push_async_callback(runner.stop)
+            if self.discovery is not None:
+                from ._registration import SelfRegistration
+
+                registration = SelfRegistration(
+                    self.discovery,
+                    self.node_id,
+                    self.advertise_url or self.url,
+                    interval=self.heartbeat_interval,
+                )
+                await registration.start()
+                stack.push_async_callback(registration.stop)
+            self._stack = stack.pop_all()
+        logger.info("node %s serving on %s (%s)", self.node_id, self.url, server)
+
+    async def stop(self) -> None:
+        """Unregister, stop accepting, let in-flight requests finish, then drain and stop the runtime."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            self.app.state.node.phase = "draining"
+            await stack.aclose()
+
+    async def __aenter__(self) -> RuntimeTransport:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def _forget_port(self) -> None:
+        self._bound_port = None
+
+    def _server_name(self) -> ServerName:
+        on_trio = sniffio.current_async_library() == "trio"
+        if on_trio and self.server == "uvicorn":
+            raise RuntimeError("uvicorn runs only on asyncio; under trio use server='hypercorn' (the default)")
+        if self.server is not None:
+            return self.server
+        return "hypercorn" if on_trio else "uvicorn"
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
+class _ServerRunner:
+    """Runs one server over an already-listening socket in a detached task."""
+
+    def __init__(self, transport: RuntimeTransport, server: ServerName, sock: socket.socket) -> None:
+        self.transport = transport
+        self.server = server
+        self.sock = sock
+        self.ready = anyio.Event()
+        self.finished = anyio.Event()
+        self.shutdown = anyio.Event()
+        self.error: BaseException | None = None
+        self._uvicorn: Any = None
+
+    async def start(self) -> None:
+        app = _signal_startup(self.transport.app, self.ready)
+        serve = self._uvicorn_serve(app) if self.server == "uvicorn" else self._hypercorn_serve(app)
+
+        async def run() -> None:
+            try:
+                await serve
+            except (Exception, SystemExit) as exc:  # uvicorn reports a failed startup with sys.exit()
+                self.error = exc
+            finally:
+                self.finished.set()
+
+        spawn_detached(run, name=f"promptise-asgi {self.server} {self.transport.node_id}")
+        async with anyio.create_task_group() as tg:
+
+            async def finished_early() -> None:
+                await self.finished.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(finished_early)
+            await self.ready.wait()
+            tg.cancel_scope.cancel()
+        if not self.ready.is_set():
+            raise RuntimeError(f"the {self.server} server failed to start: {self.error!r}")
+
+    async def stop(self) -> None:
+        if self._uvicorn is not None:
+            self._uvicorn.should_exit = True
+        self.shutdown.set()
+        await self.finished.wait()
+
+    async def _uvicorn_serve(self, app: ASGIApp) -> None:
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            # uvicorn's own handlers would take SIGINT/SIGTERM away from the host program.
+            def capture_signals(self) -> Any:
+                from contextlib import nullcontext
+
+                return nullcontext()
+
+        t = self.transport
+        config = uvicorn.Config(
+            app,
+            lifespan="on",
+            log_config=None,
+            log_level=t.log_level,
+            access_log=False,
+            ssl_certfile=t.ssl_certfile,
+            ssl_keyfile=t.ssl_keyfile,
+            timeout_graceful_shutdown=math.ceil(t.graceful_timeout),
+        )
+        self._uvicorn = _Server(config)
+        await self._uvicorn.serve(sockets=[self.sock])
+
+    async def _hypercorn_serve(self, app: ASGIApp) -> None:
+        from hypercorn.config import Config
+
+        t = self.transport
+        config = Config()
+        # hypercorn closes the sockets it serves; give it a duplicate so ours stays ours to close.
+        config.bind = [f"fd://{os.dup(self.sock.fileno())}"]
+        config.accesslog = None
+        config.loglevel = t.log_level.upper()
+        config.graceful_timeout = t.graceful_timeout
+        if t.ssl_certfile:
+            config.certfile = t.ssl_certfile
+            config.keyfile = t.ssl_keyfile
+        if sniffio.current_async_library() == "trio":
+            from hypercorn.trio import serve as trio_serve
+
+            await trio_serve(app, config, shutdown_trigger=self.shutdown.wait)  # type: ignore[arg-type]
+        else:
+            from hypercorn.asyncio import serve as asyncio_serve
+
+            await asyncio_serve(app, config, shutdown_trigger=self.shutdown.wait)  # type: ignore[arg-type]
+
+
+def _signal_startup(app: ASGIApp, ready: anyio.Event) -> ASGIApp:
+    """Wrap `app` so `ready` is set once the server has completed lifespan startup."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+
+        async def send_and_signal(message: Message) -> None:
+            await send(message)
+            if message["type"] == "lifespan.startup.complete":
+                ready.set()
+
+        await app(scope, receive, send_and_signal)
+
+    return wrapped

@@ -1,0 +1,318 @@
+"""Node configuration: the TOML file, the environment, and the built-in demo.
+
+Settings resolve as command-line flag, then environment (`PROMPTISE_NODE_ID`, `PROMPTISE_AUTH_TOKEN`,
+`PROMPTISE_COORDINATOR_URL`, `PROMPTISE_ADVERTISE_URL`), then the file. Every problem is one `ConfigError`
+whose message names the file, the process and the field. Builds runtimes; knows nothing of HTTP servers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import ConfigError
+from ._runtime_models import resolve_handler
+from ._validation import normalize_url, validate_node_id
+from .runtime import AgentRuntime, ProcessConfig, TriggerConfig, TriggerEvent
+
+__all__ = ["ConfigError", "NodeSettings", "ProcessSpec", "demo_settings", "load_settings", "resolve_settings"]
+
+logger = logging.getLogger("promptise_asgi.config")
+
+DEFAULT_CONFIG_NAME = "promptise.toml"
+
+_NODE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "id": str,
+    "host": str,
+    "port": int,
+    "auth_token": str,
+    "server": str,
+    "coordinator_url": str,
+    "advertise_url": str,
+    "heartbeat_interval": (int, float),
+    "etcd": (str, list),
+    "max_body_bytes": int,
+}
+_PROCESS_KEYS = {"name", "handler", "instructions", "model", "concurrency", "max_queue", "drain_timeout", "triggers"}
+_TRIGGER_KEYS = {"type", "cron_expression", "interval_seconds"}
+
+
+@dataclass(slots=True)
+class ProcessSpec:
+    """One `[[processes]]` entry: a name and its `ProcessConfig`."""
+
+    name: str
+    config: ProcessConfig
+
+
+@dataclass(slots=True)
+class NodeSettings:
+    """Everything needed to run one node.
+
+    Attributes:
+        node_id: the node's id.
+        host: interface to bind (command line and file; default loopback).
+        port: TCP port (default 9100).
+        auth_token: bearer token (environment or file only, never a command-line flag).
+        server: "uvicorn" or "hypercorn" (None picks by event loop).
+        coordinator_url: register with this coordinator while running.
+        advertise_url: the URL other machines reach this node at.
+        heartbeat_interval: seconds between registration heartbeats (None: the backend's default).
+        etcd: etcd endpoints to register in (instead of a coordinator).
+        max_body_bytes: the largest event body accepted.
+        processes: the processes to run.
+        source: where this came from ("demo" or the file path), for messages.
+    """
+
+    node_id: str = "node-1"
+    host: str = "127.0.0.1"
+    port: int = 9100
+    auth_token: str | None = None
+    server: str | None = None
+    coordinator_url: str | None = None
+    advertise_url: str | None = None
+    heartbeat_interval: float | None = None
+    etcd: list[str] = field(default_factory=list)
+    max_body_bytes: int = 1024 * 1024
+    processes: list[ProcessSpec] = field(default_factory=list)
+    source: str = "demo"
+
+    async def build_runtime(self) -> AgentRuntime:
+        """Return a new (not started) runtime holding the configured processes."""
+        runtime = AgentRuntime()
+        for spec in self.processes:
+            await runtime.add_process(spec.name, spec.config)
+        return runtime
+
+
+def load_settings(path: str | os.PathLike[str]) -> NodeSettings:
+    """Read a node TOML file.
+
+    Raises:
+        ConfigError: the file is missing, is not TOML, or a field is wrong; the message names file, process
+            and field.
+    """
+    source = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{source}: cannot read TOML: {exc}") from None
+    return _parse(data, source)
+
+
+def _parse(data: Mapping[str, Any], source: str) -> NodeSettings:
+    unknown = set(data) - {"node", "processes"}
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; expected [node] and [[processes]]")
+    node = data.get("node", {})
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{source}: [node] must be a table")
+    settings = NodeSettings(source=source)
+    for key, value in node.items():
+        expected = _NODE_KEYS.get(key)
+        if expected is None:
+            raise ConfigError(f"{source}: [node]: unknown field {key!r}; known: {sorted(_NODE_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, expected):
+            raise ConfigError(f"{source}: [node]: field {key!r} has the wrong type ({type(value).__name__})")
+    try:
+        _apply_node(settings, node)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: [node]: {exc}") from None
+    processes = data.get("processes", [])
+    if not isinstance(processes, list):
+        raise ConfigError(f"{source}: processes must be an array of tables ([[processes]])")
+    seen: set[str] = set()
+    for index, entry in enumerate(processes):
+        spec = _parse_process(entry, f"{source}: processes[{index}]")
+        if spec.name in seen:
+            raise ConfigError(f"{source}: processes[{index}] ({spec.name!r}): field 'name': duplicate process name")
+        seen.add(spec.name)
+        settings.processes.append(spec)
+    return settings
+
+
+def _apply_node(settings: NodeSettings, node: Mapping[str, Any]) -> None:
+    if "id" in node:
+        settings.node_id = _checked_node_id(node["id"])
+    for key in ("host", "server", "coordinator_url", "advertise_url", "auth_token"):
+        if key in node:
+            setattr(settings, key, node[key])
+    if "port" in node:
+        settings.port = _checked_port(node["port"])
+    if "heartbeat_interval" in node:
+        settings.heartbeat_interval = float(node["heartbeat_interval"])
+        if settings.heartbeat_interval <= 0:
+            raise ValueError("field 'heartbeat_interval' must be > 0")
+    if "etcd" in node:
+        settings.etcd = _split_endpoints(node["etcd"])
+    if "max_body_bytes" in node:
+        if node["max_body_bytes"] < 1:
+            raise ValueError("field 'max_body_bytes' must be >= 1")
+        settings.max_body_bytes = node["max_body_bytes"]
+    _check_common(settings)
+
+
+def _check_common(settings: NodeSettings) -> None:
+    if settings.server not in (None, "uvicorn", "hypercorn"):
+        raise ValueError(f"field 'server' must be 'uvicorn' or 'hypercorn', not {settings.server!r}")
+    for key in ("coordinator_url", "advertise_url"):
+        value = getattr(settings, key)
+        if value is not None:
+            try:
+                setattr(settings, key, normalize_url(value))
+            except ValueError:
+                raise ValueError(f"field {key!r} must be an http(s) URL, not {value!r}") from None
+    if settings.auth_token is not None and not settings.auth_token.strip():
+        raise ValueError("field 'auth_token' must not be blank")
+
+
+def _checked_node_id(value: object) -> str:
+    try:
+        return validate_node_id(value)
+    except ValueError as exc:
+        raise ValueError(f"field 'id': {exc}") from None
+
+
+def _checked_port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"field 'port' must be between 0 and 65535, not {value}")
+    return value
+
+
+def _split_endpoints(value: str | list[Any]) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    endpoints = []
+    for item in items:
+        try:
+            endpoints.append(normalize_url(item))
+        except ValueError:
+            raise ValueError(f"field 'etcd' must list http(s) URLs, not {item!r}") from None
+    return endpoints
+
+
+def _parse_process(entry: object, where: str) -> ProcessSpec:
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"{where}: must be a table")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ConfigError(f"{where}: field 'name': required, a non-empty string without '/'")
+    where = f"{where} ({name!r})"
+    unknown = set(entry) - _PROCESS_KEYS
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {sorted(unknown)}; known: {sorted(_PROCESS_KEYS)}")
+    options = {key: value for key, value in entry.items() if key not in ("name", "triggers")}
+    triggers_data = entry.get("triggers", [])
+    if not isinstance(triggers_data, list):
+        raise ConfigError(f"{where}: field 'triggers' must be an array of tables ([[processes.triggers]])")
+    triggers = []
+    for index, trigger in enumerate(triggers_data):
+        trigger_where = f"{where}: triggers[{index}]"
+        if not isinstance(trigger, Mapping):
+            raise ConfigError(f"{trigger_where}: must be a table")
+        unknown = set(trigger) - _TRIGGER_KEYS
+        if unknown:
+            raise ConfigError(f"{trigger_where}: unknown field(s) {sorted(unknown)}; known: {sorted(_TRIGGER_KEYS)}")
+        try:
+            triggers.append(TriggerConfig(**trigger))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{trigger_where}: {_field_message(exc)}") from None
+    try:
+        config = ProcessConfig(**options, triggers=triggers)
+        # Resolve "module:function" now so a typo fails at startup, naming the process, not at first start.
+        resolve_handler(config.handler)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {_field_message(exc)}") from None
+    return ProcessSpec(name, config)
+
+
+def _field_message(exc: Exception) -> str:
+    message = str(exc)
+    for prefix in ("ProcessConfig.", "TriggerConfig."):
+        if message.startswith(prefix):
+            field_name, _, rest = message[len(prefix) :].partition(" ")
+            return f"field {field_name!r} {rest}"
+    if message.startswith("handler "):
+        return f"field 'handler': {message}"
+    return message
+
+
+def resolve_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    demo_fallback: bool = True,
+) -> NodeSettings:
+    """Resolve a node's settings: flags (`overrides`), then environment, then the config file.
+
+    The file is `config_path`, else `$PROMPTISE_CONFIG`, else `./promptise.toml` if present, else the
+    built-in demo (when `demo_fallback`).
+
+    Raises:
+        ConfigError: a bad file, a bad environment value, or no file when `demo_fallback` is False.
+    """
+    env = os.environ if environ is None else environ
+    path = config_path or env.get("PROMPTISE_CONFIG") or None
+    if path is None and Path(DEFAULT_CONFIG_NAME).is_file():
+        path = DEFAULT_CONFIG_NAME
+    if path is not None:
+        settings = load_settings(path)
+    elif demo_fallback:
+        logger.info("no PROMPTISE_CONFIG and no ./%s: serving the built-in demo runtime", DEFAULT_CONFIG_NAME)
+        settings = demo_settings()
+    else:
+        raise ConfigError("no config file: pass --config FILE or set PROMPTISE_CONFIG")
+    from_env = {
+        "node_id": env.get("PROMPTISE_NODE_ID"),
+        "auth_token": env.get("PROMPTISE_AUTH_TOKEN"),
+        "coordinator_url": env.get("PROMPTISE_COORDINATOR_URL"),
+        "advertise_url": env.get("PROMPTISE_ADVERTISE_URL"),
+    }
+    changes: dict[str, Any] = {key: value for key, value in from_env.items() if value}
+    changes.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    if not changes:
+        return settings
+    settings = dataclasses.replace(settings, **changes)
+    try:
+        settings.node_id = _checked_node_id(settings.node_id)
+        settings.port = _checked_port(settings.port)
+        _check_common(settings)
+    except ValueError as exc:
+        raise ConfigError(f"{settings.source} (with environment/flags): {exc}") from None
+    return settings
+
+
+async def _echo(event: TriggerEvent) -> None:
+    logger.info("demo echo: %s %s", event.trigger_type, event.payload)
+
+
+def demo_settings() -> NodeSettings:
+    """The built-in demo: a process woken every 5 seconds and one driven by injected events."""
+    return NodeSettings(
+        processes=[
+            ProcessSpec(
+                "heartbeat",
+                ProcessConfig(
+                    instructions="Demo: records an interval trigger every 5 seconds.",
+                    triggers=[TriggerConfig(type="interval", interval_seconds=5.0)],
+                ),
+            ),
+            ProcessSpec(
+                "echo",
+                ProcessConfig(
+                    handler=_echo,
+                    instructions="Demo: logs the payload of every event injected into it.",
+                    triggers=[TriggerConfig(type="event")],
+                ),
+            ),
+        ]
+    )

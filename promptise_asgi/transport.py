@@ -1,0 +1,13 @@
+"""The node transport: one runtime, remotely manageable over HTTP, embeddable anywhere.
+
+`create_transport_app` builds the Starlette app (mount it in FastAPI/Starlette, or serve it with any ASGI
+server); `node_lifespan` starts and stops the runtime for a host app, since mounted apps get no lifespan
+events; `RuntimeTransport` serves the app in-process with uvicorn (or hypercorn, which also runs on trio).
+"""
+
+from __future__ import annotations
+
+from ._node_app import create_transport_app, node_lifespan
+from ._server import RuntimeTransport
+
+__all__ = ["RuntimeTransport", "create_transport_app", "node_lifespan"]
