@@ -87,9 +87,15 @@ class TaskHost:
         assert tg is not None and self._structured
         try:
             return bool(await tg.__aexit__(exc_type, exc, tb))
+        except BaseExceptionGroup as group:
+            # Task groups wrap the host body's own exception in a group; when nothing else failed, give the
+            # host its exception back so `except LookupError:` around `async with AgentRuntime()` still works.
+            if exc is None or group.exceptions != (exc,):
+                raise
         finally:
             self._tg = None
             self._structured = False
+        raise exc
 
     async def task_group(self) -> TaskGroup:
         """Return the open task group, spawning the supervisor first if no `async with` opened one."""

@@ -83,6 +83,8 @@ class AgentProcess:
         self._process_id = str(uuid.uuid4())
         self._config = config if config is not None else ProcessConfig()
         self._clock = clock
+        # A process created on its own owns its supervisor and closes it on stop; one from a runtime shares it.
+        self._owns_host = _host is None
         self._host = _host if _host is not None else TaskHost()
         self._state = ProcessState.CREATED
         self._lock = anyio.Lock()
@@ -168,7 +170,10 @@ class AgentProcess:
             True if the process was stopped, False if it was not running.
         """
         async with self._lock:
-            return await self._stop_locked()
+            changed = await self._stop_locked()
+            if self._owns_host:
+                await self._host.close()
+            return changed
 
     async def restart(self) -> None:
         """Stop (if running) then start, as one operation; counts in `restart_count`."""
