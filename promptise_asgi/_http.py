@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
+from contextlib import aclosing
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -74,11 +75,12 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
         raise HTTPException(413, f"Body larger than {max_bytes} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise HTTPException(413, f"Body larger than {max_bytes} bytes")
-        chunks.append(chunk)
+    async with aclosing(request.stream()) as stream:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > max_bytes:
+                raise HTTPException(413, f"Body larger than {max_bytes} bytes")
+            chunks.append(chunk)
     try:
         data = json.loads(b"".join(chunks))
     except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
