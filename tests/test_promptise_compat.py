@@ -386,6 +386,19 @@ class TestOverRealPromptise:
         assert await post("restart") == {"status": "restarted", "name": "worker"}
         assert (await self._status(client, "worker"))["state"] == "running"
 
+    async def test_concurrent_starts_start_once(self, client: httpx.AsyncClient) -> None:
+        results: list[httpx.Response] = []
+
+        async def start() -> None:
+            results.append(await client.post("/processes/worker/start"))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(start)
+        assert [r.status_code for r in results] == [200, 200, 200]
+        assert sorted(r.json()["changed"] for r in results) == [False, False, True]
+        assert (await self._status(client, "worker"))["state"] == "running"
+
     async def test_injected_event_reaches_the_agent(self, client: httpx.AsyncClient, runtime: Any) -> None:
         await runtime.start_process("worker")
         response = await client.post("/processes/worker/event", json={"payload": {"ticket": 4711}})
