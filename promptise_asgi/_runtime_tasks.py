@@ -61,6 +61,7 @@ class TaskHost:
         self._structured = False
         self._ready: anyio.Event | None = None
         self._done: anyio.Event | None = None
+        self._stop_scope = anyio.CancelScope()
         # A strong reference: asyncio keeps only weak references to tasks, and a collected task is cancelled.
         self._native_task: object = None
 
@@ -104,6 +105,7 @@ class TaskHost:
         if self._ready is None:
             self._ready = anyio.Event()
             self._done = anyio.Event()
+            self._stop_scope = anyio.CancelScope()
             self._native_task = _spawn_detached(self._supervise)
         await self._ready.wait()
         assert self._tg is not None
@@ -113,10 +115,11 @@ class TaskHost:
         ready, done = self._ready, self._done
         assert ready is not None and done is not None
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                ready.set()
-                await anyio.sleep_forever()
+            with self._stop_scope:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    ready.set()
+                    await anyio.sleep_forever()
         finally:
             self._tg = None
             self._ready = None
@@ -129,9 +132,8 @@ class TaskHost:
             return
         done = self._done
         assert done is not None
-        await self._ready.wait()
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        # Cancelling the scope works even before the supervisor has entered it.
+        self._stop_scope.cancel()
         await done.wait()
 
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import handlers_for_tests
 import pytest
 
@@ -30,9 +31,10 @@ from promptise_asgi.runtime import (
 WAIT = 20.0  # generous: "it eventually happens" must hold on a loaded 2-core machine
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll with a deadline: for state that no event announces (counters, status fields)."""
+    with anyio.fail_after(WAIT):
+        while not predicate():  # noqa: ASYNC110
             await anyio.sleep(0.002)
 
 
@@ -76,7 +78,7 @@ def test_public_names_and_protocols() -> None:
         "TriggerEvent",
     }
     assert runtime.QueueFullError is _errors.QueueFullError
-    assert ProcessState.RUNNING == "running"
+    assert ProcessState("running") is ProcessState.RUNNING and isinstance(ProcessState.RUNNING, str)
     assert [s.value for s in ProcessState] == ["created", "starting", "running", "stopping", "stopped", "failed"]
 
 
@@ -319,14 +321,14 @@ async def test_start_and_stop_are_idempotent_and_report_change() -> None:
         process = await rt.add_process("p")
         assert process.state is ProcessState.CREATED
         assert await rt.stop_process("p") is False
-        assert process.state is ProcessState.CREATED
+        assert process.status()["state"] == "created"
         assert await rt.start_process("p") is True
         process_id = process.process_id
         assert await rt.start_process("p") is False
-        assert process.state is ProcessState.RUNNING
+        assert process.status()["state"] == "running"
         assert await process.stop() is True
         assert await process.stop() is False
-        assert process.state is ProcessState.STOPPED
+        assert process.status()["state"] == "stopped"
         assert process.process_id == process_id
 
 
@@ -447,7 +449,7 @@ async def test_concurrent_lifecycle_operations_leave_a_consistent_state() -> Non
     handled: list[str] = []
 
     async def handler(event: TriggerEvent) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         handled.append(event.event_id)
 
     rng = random.Random(1234)
@@ -512,8 +514,12 @@ async def test_remove_process_stops_it_first() -> None:
         assert "p" not in rt.processes
         with pytest.raises(RuntimeError, match="removed"):
             await process.start()
-        # The name can be reused.
+        # The name can be reused, and removing concurrently twice is harmless.
         await rt.add_process("p")
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(rt.remove_process, "p")
+            tg.start_soon(rt.remove_process, "p")
+        assert "p" not in rt.processes
 
 
 # -- handlers named by string ----------------------------------------------------------------------------------
@@ -685,9 +691,8 @@ async def test_structured_style_stops_everything_on_exit() -> None:
     assert process.state is ProcessState.STOPPED
     assert len(recorder.seen) == 3  # drained on exit
     with pytest.raises(RuntimeError, match="already running"):
-        async with rt:
-            async with rt:
-                pass
+        async with rt, rt:
+            pass
 
 
 async def test_structured_style_propagates_the_body_error_after_stopping() -> None:
@@ -714,6 +719,37 @@ async def test_imperative_style_and_aclose() -> None:
     await rt.aclose()
     assert process.state is ProcessState.STOPPED and len(recorder.seen) == 2
     await rt.aclose()  # closing twice is harmless
+
+
+async def test_imperative_style_starts_processes_concurrently() -> None:
+    rt = AgentRuntime()
+    names = [f"p{i}" for i in range(5)]
+    for name in names:
+        await rt.add_process(name)
+    async with anyio.create_task_group() as tg:
+        for name in names:
+            tg.start_soon(rt.start_process, name)
+    assert {p.state for p in rt.processes.values()} == {ProcessState.RUNNING}
+    await rt.aclose()
+    assert {p.state for p in rt.processes.values()} == {ProcessState.STOPPED}
+
+
+class Fatal(BaseException):
+    """Not an Exception: like KeyboardInterrupt, a handler raising it must not be swallowed."""
+
+
+async def test_handler_base_exception_is_not_swallowed() -> None:
+    async def handler(event: TriggerEvent) -> None:
+        raise Fatal
+
+    with pytest.raises(BaseExceptionGroup) as info:
+        async with AgentRuntime() as rt:
+            process = await rt.add_process("p", ProcessConfig(handler=handler))
+            await process.start()
+            await process.inject(ev())
+            await anyio.sleep_forever()
+    assert info.group_contains(Fatal)
+    assert process.state is ProcessState.STOPPED
 
 
 async def test_standalone_process_runs_without_a_runtime() -> None:
@@ -769,7 +805,7 @@ async def test_status_fields() -> None:
     async with AgentRuntime() as rt:
         process = await rt.add_process("watcher", config)
         status = process.status()
-        assert status["name"] == "watcher" and status["process_id"] == process.process_id
+        assert status["name"] == process.name == "watcher" and status["process_id"] == process.process_id
         assert status["state"] == "created" and isinstance(status["state"], str)
         assert (status["instructions"], status["model"]) == ("Monitor data.", "openai:gpt-4o")
         assert (status["max_queue"], status["concurrency"], status["queue_size"]) == (7, 1, 0)
