@@ -45,27 +45,35 @@ class NodeApp:
             message = "Node not started: the server must run the ASGI lifespan (e.g. uvicorn --lifespan on)"
             await error_response(503, message)(scope, receive, send)
 
+    async def _start(self, stack: AsyncExitStack) -> tuple[NodeSettings, ASGIApp]:
+        settings = resolve_settings(overrides=self.overrides)
+        registration = registration_for(settings)
+        runtime = await settings.build_runtime()
+        app = create_transport_app(
+            runtime,
+            settings.node_id,
+            auth_token=settings.auth_token,
+            max_body_bytes=settings.max_body_bytes,
+        )
+        await stack.enter_async_context(node_lifespan(app))
+        if registration is not None:
+            await registration.start()
+            stack.push_async_callback(registration.stop)
+        return settings, app
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         stack = AsyncExitStack()
+        failure: str | None = None
         try:
-            settings = resolve_settings(overrides=self.overrides)
-            runtime = await settings.build_runtime()
-            app = create_transport_app(
-                runtime,
-                settings.node_id,
-                auth_token=settings.auth_token,
-                max_body_bytes=settings.max_body_bytes,
-            )
-            await stack.enter_async_context(node_lifespan(app))
-            registration = registration_for(settings)
-            if registration is not None:
-                await registration.start()
-                stack.push_async_callback(registration.stop)
+            settings, app = await self._start(stack)
         except Exception as exc:
             await stack.aclose()
-            logger.error("node failed to start: %s", exc)
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            failure = str(exc)
+        if failure is not None:
+            # Sent outside the except block: some servers raise from send() and would chain our error to theirs.
+            logger.error("node failed to start: %s", failure)
+            await send({"type": "lifespan.startup.failed", "message": failure})
             return
         self.settings, self._app = settings, app
         logger.info("node %s ready (%d processes, from %s)", settings.node_id, len(settings.processes), settings.source)

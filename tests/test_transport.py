@@ -67,7 +67,7 @@ async def test_head_health_has_no_body() -> None:
 
 
 async def test_status_is_runtime_status_plus_node_id() -> None:
-    async with running_node() as (runtime, client, _):
+    async with running_node() as (_runtime, client, _):
         body = (await client.get("/status")).json()
         assert body["node_id"] == "node-1"
         assert body["process_count"] == 2
@@ -151,7 +151,12 @@ async def test_event_fields_are_passed_through() -> None:
         assert (await client.post("/processes/worker/event", json=body)).status_code == 202
         await wait_for(lambda: len(recorder.events) == 1)
     event = recorder.events[0]
-    assert (event.trigger_id, event.trigger_type, event.payload, event.metadata) == ("t-1", "webhook", {"b": 2}, {"m": "x"})
+    assert (event.trigger_id, event.trigger_type, event.payload, event.metadata) == (
+        "t-1",
+        "webhook",
+        {"b": 2},
+        {"m": "x"},
+    )
 
 
 async def test_event_scalar_trigger_fields_become_text_and_blank_ones_default() -> None:
@@ -178,7 +183,7 @@ async def test_event_scalar_trigger_fields_become_text_and_blank_ones_default() 
     ],
 )
 async def test_bad_event_bodies_are_400_and_nothing_is_queued(content: bytes, message: str) -> None:
-    async with running_node() as (runtime, client, recorder):
+    async with running_node() as (runtime, client, _recorder):
         response = await client.post("/processes/worker/event", content=content)
         assert response.status_code == 400
         assert response.json() == {"error": message}
@@ -194,9 +199,11 @@ async def test_oversized_body_is_413_by_declared_length() -> None:
 
 
 async def test_full_queue_is_429_with_retry_after_and_accepted_events_all_handled() -> None:
-    async with running_node(max_queue=3) as (runtime, client, recorder):
+    async with running_node(max_queue=3) as (_runtime, client, recorder):
         await client.post("/processes/worker/stop")
-        codes = [(await client.post("/processes/worker/event", json={"payload": {"i": i}})).status_code for i in range(5)]
+        codes = [
+            (await client.post("/processes/worker/event", json={"payload": {"i": i}})).status_code for i in range(5)
+        ]
         assert codes == [202, 202, 202, 429, 429]
         refused = await client.post("/processes/worker/event", json={})
         assert refused.headers["retry-after"] == "1"
@@ -295,19 +302,18 @@ class TestProbes:
         runtime = AgentRuntime()
         await runtime.add_process("w", ProcessConfig(handler=slow, drain_timeout=30))
         app = create_transport_app(runtime)
-        async with client_for(app) as client:
-            async with anyio.create_task_group() as tg:
+        async with client_for(app) as client, anyio.create_task_group() as tg:
 
-                async def run_node() -> None:
-                    async with node_lifespan(app):
-                        await client.post("/processes/w/event", json={})
-                        await started.wait()
+            async def run_node() -> None:
+                async with node_lifespan(app):
+                    await client.post("/processes/w/event", json={})
+                    await started.wait()
 
-                tg.start_soon(run_node)
-                await started.wait()
-                await wait_for(lambda: app.state.node.phase == "draining")
-                readiness.append((await client.get("/readyz")).status_code)
-                release.set()
+            tg.start_soon(run_node)
+            await started.wait()
+            await wait_for(lambda: app.state.node.phase == "draining")
+            readiness.append((await client.get("/readyz")).status_code)
+            release.set()
         assert readiness == [503]
 
 
@@ -526,5 +532,3 @@ async def test_concurrent_injections_are_all_handled() -> None:
         await wait_for(lambda: len(handled) == len(accepted), timeout=30)
     assert len(accepted) == 2000
     assert sorted(handled) == list(range(2000))
-
-

@@ -1,0 +1,170 @@
+"""Node configuration: the TOML schema, the environment, precedence and error messages (SPEC 6, 9)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from promptise_asgi.config import ConfigError, demo_settings, load_settings, resolve_settings
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "promptise.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_example_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLE.parent.parent))
+    settings = load_settings(EXAMPLE)
+    assert settings.node_id == "node-1"
+    assert [p.name for p in settings.processes] == ["watcher", "echo"]
+    watcher = settings.processes[0].config
+    assert watcher.instructions == "Monitor data."
+    assert watcher.triggers[0].cron_expression == "*/5 * * * *"
+    assert settings.processes[1].config.triggers[0].interval_seconds == 30.0
+
+
+async def test_settings_build_a_runtime(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[node]
+id = "n2"
+[[processes]]
+name = "a"
+max_queue = 7
+[[processes]]
+name = "b"
+""",
+    )
+    runtime = await load_settings(path).build_runtime()
+    assert list(runtime.processes) == ["a", "b"]
+    assert runtime.get_process("a").status()["max_queue"] == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("[node]\nid = '-bad'", ["[node]", "id"]),
+        ("[node]\nport = 'x'", ["[node]", "'port'", "wrong type"]),
+        ("[node]\nport = 70000", ["'port'", "65535"]),
+        ("[node]\nbogus = 1", ["[node]", "unknown field 'bogus'"]),
+        ("[node]\ncoordinator_url = 'ftp://x'", ["coordinator_url", "http(s)"]),
+        ("[node]\nserver = 'gunicorn'", ["server"]),
+        ("[node]\nauth_token = '  '", ["auth_token"]),
+        ("[[processes]]\ninstructions = 'no name'", ["processes[0]", "'name'"]),
+        ("[[processes]]\nname = 'a/b'", ["processes[0]", "'name'"]),
+        ("[[processes]]\nname = 'w'\nmax_queue = 0", ["processes[0] ('w')", "'max_queue'", ">= 1"]),
+        ("[[processes]]\nname = 'w'\nconcurrency = 'two'", ["('w')", "'concurrency'"]),
+        ("[[processes]]\nname = 'w'\nhandler = 'nosuchmodule_abc:fn'", ["('w')", "'handler'", "nosuchmodule_abc"]),
+        ("[[processes]]\nname = 'w'\nhandler = 'no-colon'", ["('w')", "'handler'"]),
+        ("[[processes]]\nname = 'w'\nmodle = 'typo'", ["('w')", "unknown field", "modle"]),
+        (
+            "[[processes]]\nname = 'w'\n[[processes.triggers]]\ntype = 'cron'\ncron_expression = 'nope'",
+            ["('w')", "triggers[0]", "cron_expression"],
+        ),
+        (
+            "[[processes]]\nname = 'w'\n[[processes.triggers]]\ntype = 'interval'\ninterval_seconds = -1",
+            ["triggers[0]", "interval_seconds"],
+        ),
+        ("[[processes]]\nname = 'w'\n[[processes.triggers]]\ntype = 'sometimes'", ["triggers[0]", "'type'"]),
+        ("[[processes]]\nname = 'w'\n[[processes]]\nname = 'w'", ["processes[1] ('w')", "duplicate"]),
+        ("processes = 3", ["processes"]),
+        ("[other]\nx = 1", ["unknown top-level"]),
+        ("not toml at all [", ["cannot read TOML"]),
+    ],
+)
+def test_bad_config_names_file_process_and_field(tmp_path: Path, text: str, fragments: list[str]) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "absent.toml")
+
+
+def test_precedence_flag_then_environment_then_file(tmp_path: Path) -> None:
+    path = write(tmp_path, "[node]\nid = 'from-file'\nauth_token = 'file-token'\n")
+    file_only = resolve_settings(path, environ={})
+    assert (file_only.node_id, file_only.auth_token) == ("from-file", "file-token")
+    env = {"PROMPTISE_NODE_ID": "from-env", "PROMPTISE_AUTH_TOKEN": "env-token"}
+    from_env = resolve_settings(path, environ=env)
+    assert (from_env.node_id, from_env.auth_token) == ("from-env", "env-token")
+    from_flag = resolve_settings(path, environ=env, overrides={"node_id": "from-flag", "port": None})
+    assert (from_flag.node_id, from_flag.auth_token) == ("from-flag", "env-token")
+
+
+def test_config_from_environment_variable_and_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "[node]\nid = 'env-file'\n")
+    assert resolve_settings(environ={"PROMPTISE_CONFIG": str(path)}).node_id == "env-file"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "promptise.toml").write_text("[node]\nid = 'cwd-file'\n")
+    assert resolve_settings(environ={}).node_id == "cwd-file"
+
+
+def test_demo_fallback_and_its_absence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = resolve_settings(environ={})
+    assert settings.source == "demo"
+    assert [p.name for p in settings.processes] == [p.name for p in demo_settings().processes]
+    with pytest.raises(ConfigError, match="--config"):
+        resolve_settings(environ={}, demo_fallback=False)
+
+
+def test_bad_environment_values_are_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="id"):
+        resolve_settings(environ={"PROMPTISE_NODE_ID": "bad id"})
+    with pytest.raises(ConfigError, match="coordinator_url"):
+        resolve_settings(environ={"PROMPTISE_COORDINATOR_URL": "nope"})
+
+
+def test_node_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[node]
+host = "0.0.0.0"
+port = 0
+server = "hypercorn"
+coordinator_url = "http://127.0.0.1:9000/"
+advertise_url = "http://10.1.2.3:9100"
+heartbeat_interval = 2
+etcd = "http://127.0.0.1:2379,http://127.0.0.1:22379/"
+max_body_bytes = 2048
+""",
+    )
+    settings = load_settings(path)
+    assert settings.host == "0.0.0.0" and settings.port == 0 and settings.server == "hypercorn"
+    assert settings.coordinator_url == "http://127.0.0.1:9000"
+    assert settings.heartbeat_interval == 2.0
+    assert settings.etcd == ["http://127.0.0.1:2379", "http://127.0.0.1:22379"]
+    assert settings.max_body_bytes == 2048
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[node]\nheartbeat_interval = 0", "heartbeat_interval"),
+        ("[node]\nmax_body_bytes = 0", "max_body_bytes"),
+        ("[node]\netcd = ['ftp://x']", "etcd"),
+        ("[node]\nadvertise_url = 'x'", "advertise_url"),
+        ("node = 1", "[node] must be a table"),
+        ("[[processes]]\nname = 'w'\ntriggers = 1", "triggers"),
+        ("processes = [1]", "must be a table"),
+        ("[[processes]]\nname = 'w'\ntriggers = [1]", "must be a table"),
+    ],
+)
+def test_more_bad_values(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
+        load_settings(write(tmp_path, text))
