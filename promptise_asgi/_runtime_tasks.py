@@ -61,7 +61,7 @@ class TaskHost:
         self._structured = False
         self._ready: anyio.Event | None = None
         self._done: anyio.Event | None = None
-        self._stop_scope = anyio.CancelScope()
+        self._stop_scope: anyio.CancelScope | None = None
         # A strong reference: asyncio keeps only weak references to tasks, and a collected task is cancelled.
         self._native_task: object = None
 
@@ -112,10 +112,10 @@ class TaskHost:
         return self._tg
 
     async def _supervise(self) -> None:
-        ready, done = self._ready, self._done
-        assert ready is not None and done is not None
+        ready, done, stop_scope = self._ready, self._done, self._stop_scope
+        assert ready is not None and done is not None and stop_scope is not None
         try:
-            with self._stop_scope:
+            with stop_scope:
                 async with anyio.create_task_group() as tg:
                     self._tg = tg
                     ready.set()
@@ -130,10 +130,10 @@ class TaskHost:
         """Cancel and wait for the supervisor (imperative style); a no-op when there is none."""
         if self._structured or self._ready is None:
             return
-        done = self._done
-        assert done is not None
+        done, stop_scope = self._done, self._stop_scope
+        assert done is not None and stop_scope is not None
         # Cancelling the scope works even before the supervisor has entered it.
-        self._stop_scope.cancel()
+        stop_scope.cancel()
         await done.wait()
 
 

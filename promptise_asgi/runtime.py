@@ -95,10 +95,7 @@ class AgentProcess:
         # the front of the queue in that order.
         self._in_flight: dict[int, TriggerEvent] = {}
         self._taken = 0
-        self._draining = False
-        self._workers_scope = anyio.CancelScope()
-        self._triggers_scope = anyio.CancelScope()
-        self._body_done: anyio.Event | None = None
+        self._run: _Run | None = None
         self._started_at: float | None = None
         self._next_fire: list[float | None] = [None] * len(self._config.triggers)
         self._removed = False
@@ -224,10 +221,11 @@ class AgentProcess:
             raise RuntimeError(f"Process '{self._name}' was removed from its runtime")
         if self._state is _RUNNING:
             return False
-        if self._body_done is not None and not self._body_done.is_set():
+        previous = self._run
+        if previous is not None and not previous.done.is_set():
             # A stop that was itself cancelled left the old workers winding down: let them finish first.
-            self._workers_scope.cancel()
-            await self._body_done.wait()
+            previous.workers.cancel()
+            await previous.done.wait()
         self._state = ProcessState.STARTING
         try:
             self._handler = resolve_handler(self._config.handler)
@@ -236,13 +234,10 @@ class AgentProcess:
             self._last_error = _describe(exc)
             logger.error("Process %r failed to start: %s", self._name, exc)
             raise
-        self._workers_scope = anyio.CancelScope()
-        self._triggers_scope = anyio.CancelScope()
-        self._body_done = anyio.Event()
-        self._draining = False
+        run = self._run = _Run()
         try:
             task_group = await self._host.task_group()
-            await task_group.start(self._run)
+            await task_group.start(self._run_body, run)
         finally:
             if self._state is ProcessState.STARTING:
                 self._state = ProcessState.STOPPED
@@ -252,32 +247,30 @@ class AgentProcess:
         if self._state is not _RUNNING:
             return False
         self._state = ProcessState.STOPPING
-        body_done = self._body_done
-        assert body_done is not None
+        run = self._run
+        assert run is not None
         try:
-            self._triggers_scope.cancel()
-            self._draining = True
+            run.triggers.cancel()
+            run.draining = True
             if not self._in_flight and not len(self._queue):
-                self._workers_scope.cancel()
+                run.workers.cancel()
             with anyio.move_on_after(self._config.drain_timeout):
-                await body_done.wait()
+                await run.done.wait()
         finally:
-            # Past the deadline (or if this stop is cancelled): cut the workers off; `_run` puts their
+            # Past the deadline (or if this stop is cancelled): cut the workers off; `_run_body` puts their
             # events back at the front of the queue and marks the process stopped.
-            self._workers_scope.cancel()
-        await body_done.wait()
+            run.workers.cancel()
+        await run.done.wait()
         return True
 
-    async def _run(self, *, task_status: TaskStatus[None]) -> None:
-        body_done = self._body_done
-        assert body_done is not None
+    async def _run_body(self, run: _Run, *, task_status: TaskStatus[None]) -> None:
         try:
-            with self._workers_scope:
+            with run.workers:
                 async with anyio.create_task_group() as tg:
                     for _ in range(self._config.concurrency):
-                        tg.start_soon(self._work)
+                        tg.start_soon(self._work, run)
                     if any(trigger.type != "event" for trigger in self._config.triggers):
-                        tg.start_soon(self._run_triggers)
+                        tg.start_soon(self._run_triggers, run)
                     self._state = _RUNNING
                     self._started_at = time.monotonic()
                     task_status.started()
@@ -286,7 +279,7 @@ class AgentProcess:
             self._state = ProcessState.STOPPED
             self._started_at = None
             self._next_fire = [None] * len(self._next_fire)
-            body_done.set()
+            run.done.set()
 
     def _requeue_interrupted(self) -> None:
         interrupted = list(self._in_flight.values())
@@ -306,7 +299,7 @@ class AgentProcess:
 
     # -- workers ---------------------------------------------------------------------------------------------
 
-    async def _work(self) -> None:
+    async def _work(self, run: _Run) -> None:
         queue = self._queue
         in_flight = self._in_flight
         while True:
@@ -329,13 +322,13 @@ class AgentProcess:
             # Not reached when the handler is cancelled: the event stays in `in_flight` to be requeued.
             del in_flight[ticket]
             self._last_event_id = event.event_id
-            if self._draining and not in_flight and not len(queue):
-                self._workers_scope.cancel()
+            if run.draining and not in_flight and not len(queue):
+                run.workers.cancel()
 
     # -- triggers --------------------------------------------------------------------------------------------
 
-    async def _run_triggers(self) -> None:
-        with self._triggers_scope:
+    async def _run_triggers(self, run: _Run) -> None:
+        with run.triggers:
             async with anyio.create_task_group() as tg:
                 for index, trigger in enumerate(self._config.triggers):
                     if trigger.type == "interval":
@@ -382,6 +375,18 @@ class AgentProcess:
             return
         self._queue.put(TriggerEvent(trigger_id=trigger_id, trigger_type=trigger_type))
         self._events_received += 1
+
+
+class _Run:
+    """One start-to-stop cycle of a process: the scopes that stop it and the event that says it ended."""
+
+    __slots__ = ("done", "draining", "triggers", "workers")
+
+    def __init__(self) -> None:
+        self.workers = anyio.CancelScope()
+        self.triggers = anyio.CancelScope()
+        self.done = anyio.Event()
+        self.draining = False
 
 
 def _qualname(obj: object) -> str:

@@ -34,7 +34,7 @@ WAIT = 20.0  # generous: "it eventually happens" must hold on a loaded 2-core ma
 async def wait_until(predicate: Callable[[], bool]) -> None:
     """Poll with a deadline: for state that no event announces (counters, status fields)."""
     with anyio.fail_after(WAIT):
-        while not predicate():  # noqa: ASYNC110
+        while not predicate():
             await anyio.sleep(0.002)
 
 
@@ -759,6 +759,26 @@ async def test_standalone_process_runs_without_a_runtime() -> None:
     await process.inject(ev())
     await wait_until(lambda: len(recorder.seen) == 1)
     assert await process.stop() is True
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_runtime_and_process_can_be_built_outside_an_event_loop(backend: str) -> None:
+    # Hosts build the runtime at import time or in sync setup code, before any loop runs.
+    rt = AgentRuntime()
+    solo = AgentProcess("solo")
+
+    async def main() -> None:
+        process = await rt.add_process("p")
+        await rt.start_all()
+        await process.inject(ev())
+        await solo.start()
+        await solo.inject(ev())
+        await wait_until(lambda: process.status()["events_handled"] == solo.status()["events_handled"] == 1)
+        await solo.stop()
+        await rt.aclose()
+
+    anyio.run(main, backend=backend)
+    assert rt.get_process("p").state is solo.state is ProcessState.STOPPED
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
