@@ -188,7 +188,8 @@ class AgentProcess:
         for index, trigger in enumerate(config.triggers):
             entry = trigger.to_dict()
             entry["trigger_id"] = f"{self._name}:{trigger.type}:{index}"
-            entry["next_fire_at"] = _iso(self._next_fire[index]) if running else None
+            next_fire = self._next_fire[index] if running and index < len(self._next_fire) else None
+            entry["next_fire_at"] = _iso(next_fire)
             triggers.append(entry)
         handler = config.handler
         return {
@@ -235,6 +236,7 @@ class AgentProcess:
             logger.error("Process %r failed to start: %s", self._name, exc)
             raise
         run = self._run = _Run()
+        self._next_fire = [None] * len(self._config.triggers)
         try:
             task_group = await self._host.task_group()
             await task_group.start(self._run_body, run)
