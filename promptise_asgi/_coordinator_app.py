@@ -1,0 +1,228 @@
+"""`create_coordinator_app`: the coordinator's HTTP API (SPEC 8.2), a registry nodes join over HTTP.
+
+Node errors are passed through with their status, an unreachable node is 502 and a silent one 504; the
+auth and error conventions are the node's (`_http`). Knows the coordinator's public methods only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from ._errors import NodeError, NodeTimeoutError, NodeUnreachableError
+from ._http import JSONResponse, NodeGuard, error_response, exception_handlers, normalize_tokens, read_json_object
+from ._validation import normalize_url, validate_metadata, validate_node_id
+
+if TYPE_CHECKING:
+    from .coordinator import RuntimeCoordinator
+
+__all__ = ["create_coordinator_app"]
+
+PROBE_PATHS = ("/health", "/livez", "/readyz")
+
+
+def _coordinator(request: Request) -> RuntimeCoordinator:
+    coordinator: RuntimeCoordinator = request.app.state.coordinator
+    return coordinator
+
+
+def _known_node(request: Request) -> str:
+    node_id: str = request.path_params["node_id"]
+    if node_id not in _coordinator(request).nodes:
+        raise HTTPException(404, f"Node '{node_id}' not registered")
+    return node_id
+
+
+async def health(request: Request) -> Response:
+    coordinator = _coordinator(request)
+    return JSONResponse({"status": "healthy", "role": "coordinator", "node_count": len(coordinator.nodes)})
+
+
+async def livez(request: Request) -> Response:
+    return JSONResponse({"status": "alive"})
+
+
+async def cluster_status(request: Request) -> Response:
+    return JSONResponse(await _coordinator(request).cluster_status())
+
+
+async def nodes(request: Request) -> Response:
+    return await (register_node(request) if request.method == "POST" else list_nodes(request))
+
+
+async def list_nodes(request: Request) -> Response:
+    coordinator = _coordinator(request)
+    await coordinator.sync_discovery()
+    nodes = [info.to_dict() for info in coordinator.nodes.values()]
+    return JSONResponse({"nodes": nodes, "count": len(nodes)})
+
+
+async def register_node(request: Request) -> Response:
+    coordinator = _coordinator(request)
+    body = await read_json_object(request, request.app.state.max_body_bytes)
+    try:
+        node_id = validate_node_id(body.get("node_id"))
+        url = normalize_url(body.get("url"))
+        metadata = validate_metadata(body.get("metadata"))
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    discovery = coordinator.discovery
+    answer: dict[str, Any] = {"status": "registered", "node_id": node_id, "url": url}
+    if discovery is not None:
+        # Registration goes through the backend so its TTL applies; the table follows it.
+        await discovery.register(node_id, url, metadata)
+        await coordinator.sync_discovery()
+        ttl = getattr(discovery, "ttl", None)
+        if ttl is not None:
+            answer["ttl"] = ttl
+    else:
+        coordinator.register_node(node_id, url, metadata)
+    return JSONResponse(answer)
+
+
+async def heartbeat(request: Request) -> Response:
+    coordinator = _coordinator(request)
+    node_id: str = request.path_params["node_id"]
+    beat = getattr(coordinator.discovery, "heartbeat", None)
+    known = await beat(node_id) if beat is not None else node_id in coordinator.nodes
+    if not known:
+        raise HTTPException(404, f"Node '{node_id}' not registered")
+    return JSONResponse({"status": "ok", "node_id": node_id})
+
+
+async def unregister_node(request: Request) -> Response:
+    coordinator = _coordinator(request)
+    node_id: str = request.path_params["node_id"]
+    await coordinator.sync_discovery()
+    if node_id not in coordinator.nodes:
+        raise HTTPException(404, f"Node '{node_id}' not registered")
+    if coordinator.discovery is not None:
+        await coordinator.discovery.unregister(node_id)
+    coordinator.unregister_node(node_id)
+    return JSONResponse({"status": "unregistered", "node_id": node_id})
+
+
+async def start_on_node(request: Request) -> Response:
+    node_id = _known_node(request)
+    return JSONResponse(await _coordinator(request).start_process_on_node(node_id, request.path_params["name"]))
+
+
+async def stop_on_node(request: Request) -> Response:
+    node_id = _known_node(request)
+    return JSONResponse(await _coordinator(request).stop_process_on_node(node_id, request.path_params["name"]))
+
+
+async def restart_on_node(request: Request) -> Response:
+    node_id = _known_node(request)
+    return JSONResponse(await _coordinator(request).restart_process_on_node(node_id, request.path_params["name"]))
+
+
+def _event_fields(body: dict[str, Any]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for key in ("payload", "metadata"):
+        value = body.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise HTTPException(400, f"{key} must be a JSON object")
+        fields[key] = value
+    value = body.get("trigger_type")
+    if value not in (None, ""):
+        if isinstance(value, dict | list):
+            raise HTTPException(400, "trigger_type must be a string")
+        fields["trigger_type"] = str(value)
+    return fields
+
+
+async def event_on_node(request: Request) -> Response:
+    node_id = _known_node(request)
+    body = await read_json_object(request, request.app.state.max_body_bytes)
+    fields = _event_fields(body)
+    trigger_id = body.get("trigger_id")
+    if trigger_id not in (None, ""):
+        fields["trigger_id"] = str(trigger_id)
+    result = await _coordinator(request).inject_event_on_node(node_id, request.path_params["name"], **fields)
+    return JSONResponse(result, status_code=202)
+
+
+async def broadcast(request: Request) -> Response:
+    body = await read_json_object(request, request.app.state.max_body_bytes)
+    fields = _event_fields(body)
+    node_ids = body.get("node_ids")
+    if node_ids is not None and (not isinstance(node_ids, list) or not all(isinstance(n, str) for n in node_ids)):
+        raise HTTPException(400, "node_ids must be a list of node ids")
+    process: str = request.path_params["name"]
+    results = await _coordinator(request).broadcast_event(process, node_ids=node_ids, **fields)
+    return JSONResponse({"process": process, "results": results})
+
+
+async def _node_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, NodeError)
+    return error_response(exc.status_code, exc.message, {"X-Node-Status": str(exc.status_code)})
+
+
+async def _node_unreachable(request: Request, exc: Exception) -> Response:
+    status = 504 if isinstance(exc, NodeTimeoutError) else 502
+    return error_response(status, str(exc))
+
+
+def create_coordinator_app(
+    coordinator: RuntimeCoordinator,
+    *,
+    auth_token: str | Sequence[str] | None = None,
+    allow_unauthenticated: bool = False,
+    trusted_hosts: Sequence[str] = (),
+    max_body_bytes: int = 1024 * 1024,
+) -> Starlette:
+    """Serve a coordinator over HTTP (SPEC 8.2).
+
+    Routes are protected exactly like a node's: `/health`, `/livez` and `/readyz` are open, everything else
+    needs the bearer token when one is set, and without a token only loopback Host/Origin are accepted.
+    The app does not run the coordinator's health monitor: enter `async with coordinator:` in the host's
+    lifespan (or use `promptise-asgi coordinator`).
+
+    Args:
+        coordinator: the coordinator to serve.
+        auth_token: the token (or tokens) clients and nodes must send to this app.
+        allow_unauthenticated: with no token, drop the loopback guard.
+        trusted_hosts: host names accepted besides loopback by that guard.
+        max_body_bytes: the largest request body accepted.
+
+    Raises:
+        ValueError: a blank token.
+    """
+    tokens = normalize_tokens(auth_token)
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/livez", livez, methods=["GET"]),
+        Route("/readyz", livez, methods=["GET"]),
+        Route("/cluster/status", cluster_status, methods=["GET"]),
+        Route("/cluster/nodes", nodes, methods=["GET", "POST"]),
+        Route("/cluster/nodes/{node_id}", unregister_node, methods=["DELETE"]),
+        Route("/cluster/nodes/{node_id}/heartbeat", heartbeat, methods=["POST"]),
+        Route("/cluster/nodes/{node_id}/processes/{name}/start", start_on_node, methods=["POST"]),
+        Route("/cluster/nodes/{node_id}/processes/{name}/stop", stop_on_node, methods=["POST"]),
+        Route("/cluster/nodes/{node_id}/processes/{name}/restart", restart_on_node, methods=["POST"]),
+        Route("/cluster/nodes/{node_id}/processes/{name}/event", event_on_node, methods=["POST"]),
+        Route("/cluster/processes/{name}/event", broadcast, methods=["POST"]),
+    ]
+    handlers = exception_handlers()
+    handlers[NodeError] = _node_error
+    handlers[NodeUnreachableError] = _node_unreachable
+    guard = Middleware(
+        NodeGuard,
+        tokens=tokens,
+        open_paths=PROBE_PATHS,
+        trusted_hosts=trusted_hosts,
+        enabled=bool(tokens) or not allow_unauthenticated,
+    )
+    app = Starlette(routes=routes, middleware=[guard], exception_handlers=handlers)
+    app.router.redirect_slashes = False
+    app.state.coordinator = coordinator
+    app.state.max_body_bytes = max_body_bytes
+    return app
