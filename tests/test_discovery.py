@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 import time
 from typing import Any
 
@@ -79,15 +80,27 @@ async def test_unregister_removes_and_unknown_is_a_noop(backend: StaticDiscovery
     assert len(backend) == 1
 
 
-async def test_discover_returns_snapshots(backend: StaticDiscovery | RegistryDiscovery) -> None:
+async def test_register_copies_the_callers_metadata(backend: StaticDiscovery | RegistryDiscovery) -> None:
     metadata = {"zone": "eu"}
     await backend.register("a", "http://a:1", metadata)
     metadata["zone"] = "changed by caller after register"
     [node] = await backend.discover()
-    node.metadata["zone"] = "changed by caller after discover"
-    node.url = "http://elsewhere:1"
-    [again] = await backend.discover()
-    assert (again.url, again.metadata) == ("http://a:1", {"zone": "eu"})
+    assert node.metadata == {"zone": "eu"}
+
+
+async def test_an_earlier_discover_result_never_changes(backend: StaticDiscovery | RegistryDiscovery) -> None:
+    await backend.register("a", "http://a:1", {"v": 1})
+    await backend.register("b", "http://b:1")
+    earlier = await backend.discover()
+    snapshot = [n.to_dict() for n in earlier]
+    await backend.register("a", "http://a:2", {"v": 2})
+    if isinstance(backend, RegistryDiscovery):
+        assert await backend.heartbeat("b")
+    await backend.unregister("b")
+    await backend.register("c", "http://c:1")
+    assert [n.to_dict() for n in earlier] == snapshot
+    [a, c] = await backend.discover()
+    assert (a.url, a.metadata, c.node_id) == ("http://a:2", {"v": 2}, "c")
 
 
 async def test_discovered_at_is_wall_clock_of_registration(backend: StaticDiscovery | RegistryDiscovery) -> None:
@@ -281,12 +294,13 @@ async def test_registry_register_of_expired_node_brings_it_back() -> None:
 async def test_registry_heartbeat_updates_discovered_at() -> None:
     clock = FakeClock()
     registry = RegistryDiscovery(ttl=5, clock=clock)
-    await registry.register("a", "http://a:1")
+    await registry.register("a", "http://a:1", {"zone": "eu"})
     [first] = await registry.discover()
     before = time.time()
     assert await registry.heartbeat("a")
     [second] = await registry.discover()
     assert second.discovered_at >= before >= first.discovered_at
+    assert (second.url, second.metadata) == ("http://a:1", {"zone": "eu"})
 
 
 async def test_registry_len_and_repr_count_live_nodes() -> None:
@@ -357,3 +371,83 @@ async def test_registry_stays_consistent_under_1000_concurrent_tasks() -> None:
     assert len(registry) == len(nodes) == len({n.node_id for n in nodes})
     clock.advance(61)
     assert await registry.discover() == []
+
+
+class RegistryModel:
+    """The registry's contract written the slow, obvious way, to check the fast one against."""
+
+    def __init__(self, ttl: float, clock: FakeClock) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self.nodes: dict[str, tuple[str, dict[str, Any], float]] = {}
+
+    def live(self, node_id: str) -> bool:
+        node = self.nodes.get(node_id)
+        return node is not None and self.clock.now - node[2] <= self.ttl
+
+    def register(self, node_id: str, url: str, metadata: dict[str, Any]) -> None:
+        self.nodes[node_id] = (url, metadata, self.clock.now)
+
+    def heartbeat(self, node_id: str) -> bool:
+        if not self.live(node_id):
+            self.nodes.pop(node_id, None)
+            return False
+        url, metadata, _ = self.nodes[node_id]
+        self.nodes[node_id] = (url, metadata, self.clock.now)
+        return True
+
+    def unregister(self, node_id: str) -> None:
+        self.nodes.pop(node_id, None)
+
+    def discover(self) -> list[tuple[str, str, dict[str, Any]]]:
+        return [(i, self.nodes[i][0], self.nodes[i][1]) for i in sorted(self.nodes) if self.live(i)]
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_registry_matches_the_obvious_model_under_random_churn(seed: int) -> None:
+    rng = random.Random(seed)
+    clock = FakeClock()
+    registry = RegistryDiscovery(ttl=50, clock=clock)
+    model = RegistryModel(50, clock)
+    pool = [f"n{i:04d}" for i in range(1200)]
+    for step in range(1500):
+        roll = rng.random()
+        if roll < 0.02:
+            # Bulk joins and leaves, so both the one-by-one and the whole-pass paths get exercised.
+            batch = rng.sample(pool, rng.choice([5, 400]))
+            for node_id in batch:
+                if rng.random() < 0.5:
+                    await registry.register(node_id, f"http://{node_id}:1", {"step": step})
+                    model.register(node_id, f"http://{node_id}:1", {"step": step})
+                else:
+                    await registry.unregister(node_id)
+                    model.unregister(node_id)
+        elif roll < 0.45:
+            node_id = rng.choice(pool[:300])
+            await registry.register(node_id, f"http://{node_id}:{step}", {"step": step})
+            model.register(node_id, f"http://{node_id}:{step}", {"step": step})
+        elif roll < 0.7:
+            node_id = rng.choice(pool[:300])
+            assert await registry.heartbeat(node_id) == model.heartbeat(node_id)
+        elif roll < 0.85:
+            node_id = rng.choice(pool[:300])
+            await registry.unregister(node_id)
+            model.unregister(node_id)
+        elif roll < 0.95:
+            clock.advance(rng.choice([0.5, 3, 20]))
+        else:
+            got = [(n.node_id, n.url, n.metadata) for n in await registry.discover()]
+            assert got == model.discover()
+        assert len(registry) == len(model.discover())
+    assert [(n.node_id, n.url, n.metadata) for n in await registry.discover()] == model.discover()
+
+
+async def test_registry_churn_without_discover_does_not_pile_up() -> None:
+    registry = RegistryDiscovery(ttl=50, clock=FakeClock())
+    await registry.register("steady", "http://s:1")
+    for i in range(5000):
+        await registry.register(f"flap-{i % 7}", "http://f:1")
+        await registry.unregister(f"flap-{i % 7}")
+    # Queued order changes are applied once they outnumber the live nodes; this is what bounds memory.
+    assert registry._order.pending <= 2 * 256 + 2
+    assert ids(await registry.discover()) == ["steady"]
