@@ -24,6 +24,10 @@ __all__ = [
     "ProcessState",
     "TriggerConfig",
     "TriggerEvent",
+    "callable_name",
+    "check_process_name",
+    "describe_error",
+    "iso_utc",
     "resolve_handler",
 ]
 
@@ -219,3 +223,23 @@ def resolve_handler(handler: Handler | str | None) -> Handler | None:
     if not _is_async_callable(target):
         raise ValueError(f"handler {handler!r} is not an async callable (async def)")
     return target
+
+
+def check_process_name(name: object) -> None:
+    """Raise ValueError unless `name` is a non-empty string without `/` (names are URL path segments)."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"process name must be a non-empty string without '/', got {name!r}")
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def iso_utc(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def callable_name(obj: object) -> str:
+    module = getattr(obj, "__module__", None)
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"{module}:{name}" if module else str(name)

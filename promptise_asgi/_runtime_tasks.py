@@ -2,7 +2,8 @@
 
 `EventQueue` is a deque with a semaphore counting its items, so putting never blocks or allocates beyond
 the deque slot, and an interrupted event can go back to the front. `TaskHost` gives the runtime an anyio task
-group either entered by the host program (`async with`) or owned by one supervisor task (imperative style).
+group either entered by the host program (`async with`) or owned by one supervisor task (imperative style);
+`Run` holds the cancel scopes of one start-to-stop cycle.
 Nothing here knows what a process, a trigger or HTTP is.
 """
 
@@ -16,7 +17,7 @@ from typing import Any, Generic, TypeVar
 import anyio
 from anyio.abc import TaskGroup
 
-__all__ = ["EventQueue", "TaskHost"]
+__all__ = ["EventQueue", "Run", "TaskHost"]
 
 T = TypeVar("T")
 
@@ -46,6 +47,21 @@ class EventQueue(Generic[T]):
         # acquire takes nothing, so a worker cancelled while waiting never loses an event.
         await self._available.acquire()
         return self._items.popleft()
+
+
+class Run:
+    """One start-to-stop cycle: the scopes that stop its workers and triggers, and the event saying it ended.
+
+    `draining` tells workers to cancel `workers` themselves once the queue is empty and nothing is in flight.
+    """
+
+    __slots__ = ("done", "draining", "triggers", "workers")
+
+    def __init__(self) -> None:
+        self.workers = anyio.CancelScope()
+        self.triggers = anyio.CancelScope()
+        self.done = anyio.Event()
+        self.draining = False
 
 
 class TaskHost:

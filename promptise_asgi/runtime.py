@@ -27,9 +27,13 @@ from ._runtime_models import (
     ProcessState,
     TriggerConfig,
     TriggerEvent,
+    callable_name,
+    check_process_name,
+    describe_error,
+    iso_utc,
     resolve_handler,
 )
-from ._runtime_tasks import EventQueue, TaskHost
+from ._runtime_tasks import EventQueue, Run, TaskHost
 
 __all__ = [
     "AgentProcess",
@@ -48,14 +52,6 @@ logger = logging.getLogger("promptise_asgi.runtime")
 CRON_MAX_SLEEP = 30.0
 
 _RUNNING = ProcessState.RUNNING
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _iso(timestamp: float | None) -> str | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
 class AgentProcess:
@@ -78,7 +74,7 @@ class AgentProcess:
         clock: Callable[[], float] = time.time,
         _host: TaskHost | None = None,
     ) -> None:
-        _check_name(name)
+        check_process_name(name)
         self._name = name
         self._process_id = str(uuid.uuid4())
         self._config = config if config is not None else ProcessConfig()
@@ -95,7 +91,7 @@ class AgentProcess:
         # the front of the queue in that order.
         self._in_flight: dict[int, TriggerEvent] = {}
         self._taken = 0
-        self._run: _Run | None = None
+        self._run: Run | None = None
         self._started_at: float | None = None
         self._next_fire: list[float | None] = [None] * len(self._config.triggers)
         self._removed = False
@@ -189,7 +185,7 @@ class AgentProcess:
             entry = trigger.to_dict()
             entry["trigger_id"] = f"{self._name}:{trigger.type}:{index}"
             next_fire = self._next_fire[index] if running and index < len(self._next_fire) else None
-            entry["next_fire_at"] = _iso(next_fire)
+            entry["next_fire_at"] = iso_utc(next_fire)
             triggers.append(entry)
         handler = config.handler
         return {
@@ -210,7 +206,7 @@ class AgentProcess:
             "uptime_seconds": time.monotonic() - started_at if started_at is not None and running else None,
             "restart_count": self._restart_count,
             "triggers": triggers,
-            "handler": handler if isinstance(handler, str) or handler is None else _qualname(handler),
+            "handler": handler if isinstance(handler, str) or handler is None else callable_name(handler),
             "instructions": config.instructions,
             "model": config.model,
         }
@@ -232,10 +228,10 @@ class AgentProcess:
             self._handler = resolve_handler(self._config.handler)
         except ValueError as exc:
             self._state = ProcessState.FAILED
-            self._last_error = _describe(exc)
+            self._last_error = describe_error(exc)
             logger.error("Process %r failed to start: %s", self._name, exc)
             raise
-        run = self._run = _Run()
+        run = self._run = Run()
         self._next_fire = [None] * len(self._config.triggers)
         try:
             task_group = await self._host.task_group()
@@ -265,7 +261,7 @@ class AgentProcess:
         await run.done.wait()
         return True
 
-    async def _run_body(self, run: _Run, *, task_status: TaskStatus[None]) -> None:
+    async def _run_body(self, run: Run, *, task_status: TaskStatus[None]) -> None:
         try:
             with run.workers:
                 async with anyio.create_task_group() as tg:
@@ -301,7 +297,7 @@ class AgentProcess:
 
     # -- workers ---------------------------------------------------------------------------------------------
 
-    async def _work(self, run: _Run) -> None:
+    async def _work(self, run: Run) -> None:
         queue = self._queue
         in_flight = self._in_flight
         while True:
@@ -317,7 +313,7 @@ class AgentProcess:
                     await handler(event)
                 except Exception as exc:
                     self._events_failed += 1
-                    self._last_error = _describe(exc)
+                    self._last_error = describe_error(exc)
                     logger.exception("Process %r handler failed on event %s", self._name, event.event_id)
                 else:
                     self._events_handled += 1
@@ -329,7 +325,7 @@ class AgentProcess:
 
     # -- triggers --------------------------------------------------------------------------------------------
 
-    async def _run_triggers(self, run: _Run) -> None:
+    async def _run_triggers(self, run: Run) -> None:
         with run.triggers:
             async with anyio.create_task_group() as tg:
                 for index, trigger in enumerate(self._config.triggers):
@@ -379,29 +375,6 @@ class AgentProcess:
         self._events_received += 1
 
 
-class _Run:
-    """One start-to-stop cycle of a process: the scopes that stop it and the event that says it ended."""
-
-    __slots__ = ("done", "draining", "triggers", "workers")
-
-    def __init__(self) -> None:
-        self.workers = anyio.CancelScope()
-        self.triggers = anyio.CancelScope()
-        self.done = anyio.Event()
-        self.draining = False
-
-
-def _qualname(obj: object) -> str:
-    module = getattr(obj, "__module__", None)
-    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
-    return f"{module}:{name}" if module else str(name)
-
-
-def _check_name(name: object) -> None:
-    if not isinstance(name, str) or not name or "/" in name:
-        raise ValueError(f"process name must be a non-empty string without '/', got {name!r}")
-
-
 class AgentRuntime:
     """A set of named `AgentProcess`es on one node.
 
@@ -431,7 +404,7 @@ class AgentRuntime:
         Raises:
             ValueError: the name is empty, contains `/`, or is already used.
         """
-        _check_name(name)
+        check_process_name(name)
         if name in self._processes:
             raise ValueError(f"Process '{name}' already exists")
         process = AgentProcess(name, config, clock=self._clock, _host=self._host)
