@@ -21,6 +21,7 @@ import anyio
 from promptise_asgi._validation import normalize_url, validate_metadata, validate_node_id
 
 __all__ = [
+    "CoordinatorDiscovery",
     "DiscoveredNode",
     "NodeChange",
     "ProcessDiscovery",
@@ -353,3 +354,7 @@ class RegistryDiscovery:
 
     def __repr__(self) -> str:
         return f"RegistryDiscovery(nodes={len(self)}, ttl={self._ttl}s)"
+
+
+# Defined beside the coordinator's HTTP client code; it is a discovery backend, so it is exported here.
+from ._coordinator_discovery import CoordinatorDiscovery  # noqa: E402
