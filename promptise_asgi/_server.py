@@ -25,7 +25,7 @@ from ._node_app import create_transport_app, node_lifespan
 from ._protocol import RuntimeLike
 from ._tasks import spawn_detached
 
-__all__ = ["RuntimeTransport"]
+__all__ = ["AppServer", "RuntimeTransport"]
 
 logger = logging.getLogger("promptise_asgi.transport")
 
@@ -95,14 +95,9 @@ class RuntimeTransport:
         self.runtime = runtime
         self.host = host
         self.node_id = node_id
-        self.server = server
-        self.ssl_certfile = ssl_certfile
-        self.ssl_keyfile = ssl_keyfile
         self.discovery = discovery
         self.advertise_url = advertise_url
         self.heartbeat_interval = heartbeat_interval
-        self.graceful_timeout = graceful_timeout
-        self.log_level = log_level
         self.app = create_transport_app(
             runtime,
             node_id,
@@ -110,27 +105,28 @@ class RuntimeTransport:
             allow_unauthenticated=allow_unauthenticated,
             **app_options,
         )
-        self._requested_port = port
-        self._bound_port: int | None = None
+        self._server = AppServer(
+            self.app,
+            host,
+            port,
+            server=server,
+            ssl_certfile=ssl_certfile,
+            ssl_keyfile=ssl_keyfile,
+            graceful_timeout=graceful_timeout,
+            log_level=log_level,
+            name=f"node {node_id}",
+        )
         self._stack: AsyncExitStack | None = None
 
     @property
     def port(self) -> int:
         """The bound port while running; the requested port otherwise."""
-        return self._bound_port if self._bound_port is not None else self._requested_port
+        return self._server.port
 
     @property
     def url(self) -> str:
         """The base URL of this node (loopback form when bound to a wildcard address)."""
-        host = self.host
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
-        if ":" in host:
-            host = f"[{host}]"
-        scheme = "https" if self.ssl_certfile else "http"
-        return f"{scheme}://{host}:{self.port}"
+        return self._server.url
 
     @property
     def running(self) -> bool:
@@ -149,16 +145,13 @@ class RuntimeTransport:
         """
         if self._stack is not None:
             raise RuntimeError(f"{self!r} is already running")
-        server = self._server_name()
-        sock = _bind(self.host, self._requested_port)
+        self._server.check_backend()
+        self._server.bind()  # before the runtime starts: a port in use must leave nothing running
         async with AsyncExitStack() as stack:
-            stack.callback(sock.close)
-            self._bound_port = sock.getsockname()[1]
-            stack.callback(self._forget_port)
+            stack.callback(self._server.close)
             await stack.enter_async_context(node_lifespan(self.app))
-            runner = _ServerRunner(self, server, sock)
-            await runner.start()
-            stack.push_async_callback(runner.stop)
+            await self._server.start()
+            stack.push_async_callback(self._server.stop)
             if self.discovery is not None:
                 from ._registration import SelfRegistration
 
@@ -171,7 +164,7 @@ class RuntimeTransport:
                 await registration.start()
                 stack.push_async_callback(registration.stop)
             self._stack = stack.pop_all()
-        logger.info("node %s serving on %s (%s)", self.node_id, self.url, server)
+        logger.info("node %s serving on %s", self.node_id, self.url)
 
     async def stop(self) -> None:
         """Unregister, stop accepting, let in-flight requests finish, then drain and stop the runtime."""
@@ -189,16 +182,111 @@ class RuntimeTransport:
     ) -> None:
         await self.stop()
 
-    def _forget_port(self) -> None:
-        self._bound_port = None
 
-    def _server_name(self) -> ServerName:
+class AppServer:
+    """Serve any ASGI app on a socket we bind ourselves, in the current event loop (asyncio or trio).
+
+    Used by `RuntimeTransport` for a node and by the command line for a coordinator. `bind()` may be called
+    before `start()` so that an address in use fails before anything else starts.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        server: ServerName | None = None,
+        ssl_certfile: str | None = None,
+        ssl_keyfile: str | None = None,
+        graceful_timeout: float = 5.0,
+        log_level: str = "warning",
+        name: str = "app",
+    ) -> None:
+        self.app = app
+        self.host = host
+        self.server = server
+        self.ssl_certfile = ssl_certfile
+        self.ssl_keyfile = ssl_keyfile
+        self.graceful_timeout = graceful_timeout
+        self.log_level = log_level
+        self.name = name
+        self._requested_port = port
+        self._sock: socket.socket | None = None
+        self._runner: _ServerRunner | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port once bound; the requested port otherwise."""
+        return int(self._sock.getsockname()[1]) if self._sock is not None else self._requested_port
+
+    @property
+    def url(self) -> str:
+        """The base URL (loopback form when bound to a wildcard address)."""
+        host = self.host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if self.ssl_certfile else "http"
+        return f"{scheme}://{host}:{self.port}"
+
+    def check_backend(self) -> ServerName:
+        """Return the server to use on the running event loop.
+
+        Raises:
+            RuntimeError: uvicorn was asked for under trio.
+        """
         on_trio = sniffio.current_async_library() == "trio"
         if on_trio and self.server == "uvicorn":
             raise RuntimeError("uvicorn runs only on asyncio; under trio use server='hypercorn' (the default)")
         if self.server is not None:
             return self.server
         return "hypercorn" if on_trio else "uvicorn"
+
+    def bind(self) -> None:
+        """Bind and listen (idempotent).
+
+        Raises:
+            OSError: the address could not be bound; the message names host and port.
+        """
+        if self._sock is None:
+            self._sock = _bind(self.host, self._requested_port)
+
+    async def start(self) -> None:
+        """Start serving and return once the server has started.
+
+        Raises:
+            OSError: the address could not be bound.
+            RuntimeError: the server failed to start, or uvicorn was asked for under trio.
+        """
+        server = self.check_backend()
+        self.bind()
+        assert self._sock is not None
+        runner = _ServerRunner(self, server, self._sock)
+        try:
+            await runner.start()
+        except BaseException:
+            self.close()
+            raise
+        self._runner = runner
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to `graceful_timeout`), and close the socket."""
+        runner, self._runner = self._runner, None
+        try:
+            if runner is not None:
+                await runner.stop()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the listening socket (the server must already be stopped)."""
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -218,7 +306,7 @@ def _bind(host: str, port: int) -> socket.socket:
 class _ServerRunner:
     """Runs one server over an already-listening socket in a detached task."""
 
-    def __init__(self, transport: RuntimeTransport, server: ServerName, sock: socket.socket) -> None:
+    def __init__(self, transport: AppServer, server: ServerName, sock: socket.socket) -> None:
         self.transport = transport
         self.server = server
         self.sock = sock
@@ -240,7 +328,7 @@ class _ServerRunner:
             finally:
                 self.finished.set()
 
-        spawn_detached(run, name=f"promptise-asgi {self.server} {self.transport.node_id}")
+        spawn_detached(run, name=f"promptise-asgi {self.server} {self.transport.name}")
         async with anyio.create_task_group() as tg:
 
             async def finished_early() -> None:
