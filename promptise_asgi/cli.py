@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
@@ -44,18 +45,26 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--server", choices=["uvicorn", "hypercorn"], help="ASGI server (default uvicorn)")
     node.add_argument("--coordinator", help="register with this coordinator URL ($PROMPTISE_COORDINATOR_URL)")
     node.add_argument("--advertise-url", help="URL other machines reach this node at ($PROMPTISE_ADVERTISE_URL)")
+    node.add_argument(
+        "--allow-unauthenticated", action="store_true", help="bind a non-loopback host without PROMPTISE_AUTH_TOKEN"
+    )
     node.set_defaults(run=_run_node)
 
     coordinator = commands.add_parser("coordinator", help="run a coordinator (cluster view and node registry)")
     coordinator.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     coordinator.add_argument("--port", type=int, default=9000, help="TCP port (default 9000)")
     coordinator.add_argument("--etcd", help="etcd endpoint URL(s), comma-separated, to keep the registry in")
+    coordinator.add_argument("--ttl", type=float, default=60.0, help="seconds a node stays listed without a heartbeat")
     coordinator.add_argument("--health-check-interval", type=float, default=15.0, help="seconds (default 15)")
     coordinator.add_argument("--node-timeout", type=float, default=45.0, help="seconds (default 45)")
+    coordinator.add_argument(
+        "--allow-unauthenticated", action="store_true", help="bind a non-loopback host without PROMPTISE_AUTH_TOKEN"
+    )
     coordinator.set_defaults(run=_run_coordinator)
 
     status = commands.add_parser("status", help="print the cluster as a table")
     status.add_argument("--coordinator", help="coordinator URL (default $PROMPTISE_COORDINATOR_URL)")
+    status.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer (default 10)")
     status.set_defaults(run=_run_status)
 
     demo = commands.add_parser("demo", help="a coordinator and two nodes on loopback, printing cluster status")
@@ -100,6 +109,9 @@ async def _run_node(args: argparse.Namespace) -> None:
     from .config import resolve_settings
     from .transport import RuntimeTransport
 
+    # Like uvicorn's --app-dir default: "module:function" handlers are importable from the current directory.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     settings = resolve_settings(
         args.config,
         overrides={
@@ -119,6 +131,7 @@ async def _run_node(args: argparse.Namespace) -> None:
         settings.port,
         settings.node_id,
         auth_token=settings.auth_token,
+        allow_unauthenticated=args.allow_unauthenticated,
         server=settings.server,  # type: ignore[arg-type]
         discovery=discovery,
         advertise_url=settings.advertise_url,
@@ -135,17 +148,123 @@ async def _run_node(args: argparse.Namespace) -> None:
             await discovery.aclose()
 
 
+def _coordinator_token() -> str | None:
+    return os.environ.get("PROMPTISE_AUTH_TOKEN") or None
+
+
 async def _run_coordinator(args: argparse.Namespace) -> None:
-    raise CommandError("the coordinator is not available in this build")
+    from ._http import is_loopback_host
+    from ._server import AppServer
+    from .coordinator import RuntimeCoordinator, create_coordinator_app
+    from .discovery import RegistryDiscovery
+
+    token = _coordinator_token()
+    if not token and not args.allow_unauthenticated and not is_loopback_host(args.host):
+        raise CommandError(
+            f"refusing to bind {args.host!r} without a token: set PROMPTISE_AUTH_TOKEN, bind 127.0.0.1, "
+            "or pass --allow-unauthenticated if a proxy or private network protects the port"
+        )
+    discovery: Any
+    if args.etcd:
+        from ._validation import normalize_url
+        from .etcd import EtcdDiscovery
+
+        endpoints = [normalize_url(url) for url in args.etcd.split(",") if url.strip()]
+        discovery = EtcdDiscovery(endpoints, ttl=args.ttl)
+    else:
+        discovery = RegistryDiscovery(ttl=args.ttl)
+    coordinator = RuntimeCoordinator(
+        discovery=discovery,
+        health_check_interval=args.health_check_interval,
+        node_timeout=args.node_timeout,
+        auth_token=token,
+    )
+    app = create_coordinator_app(coordinator, auth_token=token, allow_unauthenticated=args.allow_unauthenticated)
+    server = AppServer(app, args.host, args.port, name="coordinator")
+    try:
+        async with coordinator:
+            await server.start()
+            try:
+                where = f"etcd {args.etcd}" if args.etcd else f"an in-process registry (ttl {args.ttl:g}s)"
+                print(f"coordinator serving on {server.url}, nodes kept in {where}", flush=True)
+                await _wait_for_signal()
+            finally:
+                await server.stop()
+    finally:
+        if hasattr(discovery, "aclose"):
+            await discovery.aclose()
 
 
 async def _run_status(args: argparse.Namespace) -> None:
-    raise CommandError("cluster status is not available in this build")
+    from .client import NodeClient
+
+    url = args.coordinator or os.environ.get("PROMPTISE_COORDINATOR_URL")
+    if not url:
+        raise CommandError("pass --coordinator URL or set PROMPTISE_COORDINATOR_URL")
+    async with NodeClient(url, auth_token=_coordinator_token(), timeout=args.timeout) as client:
+        status = await client.request("GET", "/cluster/status")
+    print(format_status(status))
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Render `cluster_status()` as an aligned table, one row per node, and a summary line."""
+    rows = [("NODE", "URL", "HEALTH", "PROCESSES")]
+    for node_id, node in sorted(status.get("nodes", {}).items()):
+        health = str(node.get("status", "unknown"))
+        if node.get("missed_check") and health == "healthy":
+            health = "healthy (missed check)"
+        processes = str(node.get("process_count", 0)) if node.get("status") == "healthy" else "-"
+        rows.append((node_id, str(node.get("url", "")), health, processes))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(widths[i]) if i < 3 else cell for i, cell in enumerate(row)).rstrip() for row in rows]
+    total = status.get("total_nodes", 0)
+    lines.append(
+        f"{total} node{'s' if total != 1 else ''}, {status.get('healthy_nodes', 0)} healthy, "
+        f"{status.get('total_processes', 0)} processes"
+    )
+    return "\n".join(lines)
 
 
 async def _run_demo(args: argparse.Namespace) -> None:
-    raise CommandError("the demo cluster is not available in this build")
+    from ._server import AppServer
+    from .config import demo_settings
+    from .coordinator import RuntimeCoordinator, create_coordinator_app
+    from .discovery import CoordinatorDiscovery, RegistryDiscovery
+    from .transport import RuntimeTransport
 
+    registry = RegistryDiscovery(ttl=15)
+    coordinator = RuntimeCoordinator(discovery=registry, health_check_interval=args.interval, request_timeout=2)
+    server = AppServer(create_coordinator_app(coordinator), "127.0.0.1", args.port, name="demo coordinator")
+    server.bind()
+    async with coordinator, AsyncExitStack() as stack:
+        stack.callback(server.close)
+        await server.start()
+        stack.push_async_callback(server.stop)
+        for index in (1, 2):
+            port = 0 if args.port == 0 else args.port + index
+            runtime = await demo_settings().build_runtime()
+            discovery = await stack.enter_async_context(CoordinatorDiscovery(server.url))
+            node = RuntimeTransport(
+                runtime, port=port, node_id=f"demo-node-{index}", discovery=discovery, heartbeat_interval=5
+            )
+            await stack.enter_async_context(node)
+        print(f"demo cluster: coordinator on {server.url}; Ctrl-C to stop", flush=True)
+        print(f"  try: promptise-asgi status --coordinator {server.url}", flush=True)
+        async with anyio.create_task_group() as tg:
 
-def _env(name: str) -> str | None:
-    return os.environ.get(name) or None
+            async def report() -> None:
+                cycle = 0
+                while args.cycles == 0 or cycle < args.cycles:
+                    cycle += 1
+                    print(format_status(await coordinator.cluster_status()) + "\n", flush=True)
+                    if args.cycles == 0 or cycle < args.cycles:
+                        await anyio.sleep(args.interval)
+                tg.cancel_scope.cancel()
+
+            async def until_signal() -> None:
+                await _wait_for_signal()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(report)
+            tg.start_soon(until_signal)
+    print("demo cluster stopped", flush=True)
