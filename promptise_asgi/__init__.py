@@ -9,26 +9,48 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._app import app
-from .runtime import (
-    AgentProcess,
-    AgentRuntime,
-    ProcessConfig,
-    ProcessState,
-    TriggerConfig,
-    TriggerEvent,
+from ._errors import ConfigError, PromptiseASGIError, QueueFullError
+from .client import NodeClient, NodeError, NodeTimeoutError, NodeUnreachableError
+from .coordinator import NodeInfo, RuntimeCoordinator, create_coordinator_app
+from .discovery import (
+    CoordinatorDiscovery,
+    DiscoveredNode,
+    NodeChange,
+    ProcessDiscovery,
+    RegistryDiscovery,
+    StaticDiscovery,
 )
+from .etcd import EtcdDiscovery
+from .runtime import AgentProcess, AgentRuntime, ProcessConfig, ProcessState, TriggerConfig, TriggerEvent
 from .transport import RuntimeTransport, create_transport_app, node_lifespan
 
 __all__ = [
     "AgentProcess",
     "AgentRuntime",
+    "ConfigError",
+    "CoordinatorDiscovery",
+    "DiscoveredNode",
+    "EtcdDiscovery",
+    "NodeChange",
+    "NodeClient",
+    "NodeError",
+    "NodeInfo",
+    "NodeTimeoutError",
+    "NodeUnreachableError",
     "ProcessConfig",
+    "ProcessDiscovery",
     "ProcessState",
+    "PromptiseASGIError",
+    "QueueFullError",
+    "RegistryDiscovery",
+    "RuntimeCoordinator",
     "RuntimeTransport",
+    "StaticDiscovery",
     "TriggerConfig",
     "TriggerEvent",
     "__version__",
     "app",
+    "create_coordinator_app",
     "create_transport_app",
     "node_lifespan",
 ]

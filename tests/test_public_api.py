@@ -1,0 +1,58 @@
+"""SPEC section 1: every public name importable from where it says, and `__all__` kept honest."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+import promptise_asgi
+
+SPEC_NAMES = {
+    "promptise_asgi.runtime": [
+        "AgentRuntime",
+        "AgentProcess",
+        "ProcessConfig",
+        "TriggerConfig",
+        "TriggerEvent",
+        "ProcessState",
+    ],
+    "promptise_asgi.transport": ["create_transport_app", "RuntimeTransport"],
+    "promptise_asgi.discovery": [
+        "ProcessDiscovery",
+        "DiscoveredNode",
+        "NodeChange",
+        "StaticDiscovery",
+        "RegistryDiscovery",
+        "CoordinatorDiscovery",
+    ],
+    "promptise_asgi.etcd": ["EtcdDiscovery"],
+    "promptise_asgi.coordinator": ["RuntimeCoordinator", "NodeInfo", "create_coordinator_app"],
+    "promptise_asgi.client": ["NodeClient", "NodeError", "NodeUnreachableError", "NodeTimeoutError"],
+}
+
+
+@pytest.mark.parametrize("module_name", sorted(SPEC_NAMES))
+def test_spec_names_importable_from_their_module_and_the_package(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    for name in SPEC_NAMES[module_name]:
+        assert name in module.__all__, f"{module_name}.__all__ lacks {name}"
+        assert getattr(module, name) is getattr(promptise_asgi, name), name
+
+
+@pytest.mark.parametrize("module_name", ["promptise_asgi", *sorted(SPEC_NAMES), "promptise_asgi.config"])
+def test_all_is_sorted_and_every_name_exists(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    assert list(module.__all__) == sorted(module.__all__)
+    for name in module.__all__:
+        assert hasattr(module, name), f"{module_name}.{name}"
+
+
+def test_package_reexports_every_spec_name() -> None:
+    every = {name for names in SPEC_NAMES.values() for name in names}
+    assert every <= set(promptise_asgi.__all__)
+    assert "app" in vars(promptise_asgi)
+
+
+def test_timeout_is_a_kind_of_unreachable() -> None:
+    assert issubclass(promptise_asgi.NodeTimeoutError, promptise_asgi.NodeUnreachableError)
