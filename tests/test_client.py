@@ -14,6 +14,8 @@ from starlette.routing import Mount, Route
 
 from promptise_asgi import _errors
 from promptise_asgi.client import NodeClient, NodeError, NodeTimeoutError, NodeUnreachableError
+from promptise_asgi.runtime import AgentRuntime, ProcessConfig, TriggerConfig
+from promptise_asgi.transport import create_transport_app
 
 TOKEN = "s3cret-token-value"
 
@@ -445,3 +447,37 @@ async def test_bad_process_name_is_refused(node: FakeNode, name: Any) -> None:
         with pytest.raises(ValueError, match="process name"):
             await client.start(name)
     assert node.seen == []
+
+
+# --- against the real node app (SPEC section 3), in-process ----------------------------------------------------
+
+
+async def test_against_the_real_node_app_mounted_with_a_token() -> None:
+    runtime = AgentRuntime()
+    for name in ("order worker", "café-ü"):
+        await runtime.add_process(name, ProcessConfig(triggers=[TriggerConfig(type="event")]))
+    node_app = create_transport_app(runtime, node_id="node-7", auth_token=TOKEN)
+    site = Starlette(routes=[Mount("/runtime", app=node_app)])
+    transport = httpx.ASGITransport(app=site)
+    try:
+        async with NodeClient("http://127.0.0.1:8000/runtime/", auth_token=TOKEN, transport=transport) as client:
+            assert await client.health() == {"status": "healthy", "node_id": "node-7", "process_count": 2}
+            assert (await client.status())["node_id"] == "node-7"
+            listed = (await client.processes())["processes"]
+            assert [p["name"] for p in listed] == ["order worker", "café-ü"]
+            for name in ("order worker", "café-ü"):
+                assert await client.start(name) == {"status": "started", "name": name, "changed": True}
+                assert (await client.process_status(name))["name"] == name
+            injected = await client.inject_event("café-ü", {"order": 1}, trigger_type="webhook")
+            assert (injected["status"], injected["process"]) == ("injected", "café-ü")
+            assert (await client.restart("order worker"))["status"] == "restarted"
+            with pytest.raises(NodeError) as caught:
+                await client.start("ghost")
+            assert (caught.value.status_code, caught.value.message) == (404, "Process 'ghost' not found")
+            assert caught.value.url == "http://127.0.0.1:8000/runtime/processes/ghost/start"
+        async with NodeClient("http://127.0.0.1:8000/runtime", transport=transport) as anonymous:
+            with pytest.raises(NodeError) as caught:
+                await anonymous.status()
+            assert (caught.value.status_code, caught.value.message) == (401, "Unauthorized")
+    finally:
+        await runtime.stop_all()
