@@ -22,11 +22,12 @@ from .discovery import (
 )
 from .etcd import EtcdDiscovery
 from .runtime import AgentProcess, AgentRuntime, ProcessConfig, ProcessState, TriggerConfig, TriggerEvent
-from .transport import RuntimeTransport, create_transport_app, node_lifespan
+from .transport import AppServer, RuntimeTransport, create_transport_app, node_lifespan
 
 __all__ = [
     "AgentProcess",
     "AgentRuntime",
+    "AppServer",
     "ConfigError",
     "CoordinatorDiscovery",
     "DiscoveredNode",

@@ -16,7 +16,7 @@ from promptise_asgi.client import NodeError, NodeTimeoutError, NodeUnreachableEr
 from promptise_asgi.coordinator import NodeInfo, RuntimeCoordinator, create_coordinator_app
 from promptise_asgi.discovery import CoordinatorDiscovery, RegistryDiscovery, StaticDiscovery
 from promptise_asgi.runtime import AgentRuntime, ProcessConfig, TriggerEvent
-from promptise_asgi.transport import RuntimeTransport
+from promptise_asgi.transport import AppServer, RuntimeTransport
 
 BASE = "http://127.0.0.1"
 
@@ -417,11 +417,10 @@ class TestSelfRegistration:
         registry = RegistryDiscovery(ttl=30)
         coordinator = RuntimeCoordinator(discovery=registry)
         coord_app = create_coordinator_app(coordinator)
-        coordinator_runtime = AgentRuntime()
-        async with RuntimeTransport(coordinator_runtime, port=0, node_id="coord-host") as host:
-            # Serve the coordinator app on a real socket: reuse RuntimeTransport's server over a custom app.
-            host.app.mount("/c", coord_app)
-            discovery = CoordinatorDiscovery(f"{host.url}/c")
+        host = AppServer(coord_app, port=0)
+        await host.start()
+        try:
+            discovery = CoordinatorDiscovery(host.url)
             async with node("n1", discovery=discovery, heartbeat_interval=0.05) as (n1, _):
                 await wait_for(lambda: len(registry) == 1)
                 assert (await registry.discover())[0].url == n1.url
@@ -431,6 +430,8 @@ class TestSelfRegistration:
             # Stopping the node unregisters it.
             assert len(registry) == 0
             await discovery.aclose()
+        finally:
+            await host.stop()
 
     async def test_node_keeps_serving_while_the_coordinator_is_down(self) -> None:
         discovery = CoordinatorDiscovery(dead_url(), timeout=0.5)
