@@ -1,0 +1,72 @@
+"""Serve one benchmark app with uvicorn in-process: `python -m bench.apps.serve bare|node --port N`.
+
+Both apps go through this one launcher so the server is identical for the ceiling and for ours: uvicorn with
+uvloop and httptools, log level warning, no access log. Running `uvicorn.Server.serve()` ourselves (rather than
+the `uvicorn` command) lets our node's runtime get its processes added on the server's own event loop before the
+app is served, without wrapping the app in an extra layer that every request would pay for.
+Exit code 3 means the app could not be built because promptise_asgi is not there yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import uvicorn
+import uvloop
+
+__all__ = ["main"]
+
+NOT_BUILT_EXIT = 3
+
+
+async def _build(which: str) -> Any:
+    if which == "bare":
+        from bench.apps.bare import app
+
+        return app
+    from bench.apps.node import build_app
+
+    return await build_app()
+
+
+async def _serve(which: str, host: str, port: int) -> int:
+    try:
+        app = await _build(which)
+    except ImportError as exc:
+        print(f"not built yet: {exc}", file=sys.stderr)
+        return NOT_BUILT_EXIT
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="none",
+        http="httptools",
+        lifespan="on",
+        log_level="warning",
+        access_log=False,
+    )
+    await uvicorn.Server(config).serve()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and serve until SIGINT/SIGTERM.
+
+    Args:
+        argv: Arguments (default: `sys.argv[1:]`).
+
+    Returns:
+        The process exit code.
+    """
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("app", choices=["bare", "node"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+    return uvloop.run(_serve(args.app, args.host, args.port))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
