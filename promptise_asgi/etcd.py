@@ -10,14 +10,15 @@ and `watch`).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -30,6 +31,7 @@ from .discovery import DiscoveredNode, NodeChange
 __all__ = ["EtcdDiscovery", "EtcdError", "EtcdUnavailableError"]
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _LEASE_NOT_FOUND = "requested lease not found"
 # gRPC UNAVAILABLE (no leader, member stopping) arrives as HTTP 503: another member may well answer.
@@ -168,6 +170,8 @@ class EtcdDiscovery:
         self._registrations: dict[str, _Registration] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._watch_scopes: set[anyio.CancelScope] = set()
+        self._requests_in_watch = 0
+        self._watch_requests_done: anyio.Event | None = None
         self._closed = False
         self.watch_backoff = (0.1, 2.0)
 
@@ -205,6 +209,10 @@ class EtcdDiscovery:
         self._closed = True
         for scope in list(self._watch_scopes):
             scope.cancel()
+        if self._requests_in_watch:
+            self._watch_requests_done = anyio.Event()
+            with anyio.move_on_after(self._timeout):
+                await self._watch_requests_done.wait()
         await self._client.aclose()
 
     # --- ProcessDiscovery -------------------------------------------------------------------------------
@@ -327,6 +335,7 @@ class EtcdDiscovery:
         seeded = False
         next_revision: int | None = None
         response: httpx.Response | None = None
+        lines: AsyncIterator[str] | None = None
         delay = self.watch_backoff[0]
         try:
             while not self._closed:
@@ -334,7 +343,7 @@ class EtcdDiscovery:
                     snapshot: tuple[dict[str, DiscoveredNode], int] | None = None
                     with self._interruptible():
                         try:
-                            snapshot = await self._snapshot()
+                            snapshot = await self._uncut(self._snapshot())
                         except EtcdUnavailableError as exc:
                             logger.warning("etcd watch: %s; retrying in %.1fs", exc, delay)
                             await anyio.sleep(delay)
@@ -347,10 +356,9 @@ class EtcdDiscovery:
                     for change in changes:
                         yield change
                     continue
-                lines = None
                 with self._interruptible():
                     try:
-                        response = await self._open_watch(next_revision)
+                        response = await self._uncut(self._open_watch(next_revision))
                         lines = response.aiter_lines()
                     except EtcdUnavailableError as exc:
                         logger.warning("etcd watch: %s; retrying in %.1fs", exc, delay)
@@ -391,16 +399,15 @@ class EtcdDiscovery:
                             changes.append(event_change)
                     for change in changes:
                         yield change
-                await response.aclose()
-                response = None
+                await _close_stream(lines, response)
+                lines = response = None
                 if next_revision is not None and not self._closed:
                     with self._interruptible():
                         await anyio.sleep(delay)
                     delay = min(delay * 2, self.watch_backoff[1])
         finally:
-            if response is not None:
-                with anyio.CancelScope(shield=True):
-                    await response.aclose()
+            with anyio.CancelScope(shield=True):
+                await _close_stream(lines, response)
 
     # --- internals --------------------------------------------------------------------------------------
 
@@ -429,6 +436,23 @@ class EtcdDiscovery:
                 yield
         finally:
             self._watch_scopes.discard(scope)
+
+    async def _uncut(self, request: Awaitable[T]) -> T:
+        """Finish a request of `watch()` even when `aclose()` comes meanwhile (it waits for these).
+
+        httpx abandons a request body cut mid-send (by cancellation or a closed socket) to the garbage
+        collector, which trio reports as a ResourceWarning; one request, at most `timeout`, is a fair price
+        for closing quietly.
+        """
+        self._requests_in_watch += 1
+        try:
+            with anyio.CancelScope(shield=True):
+                result = await request
+            return result
+        finally:
+            self._requests_in_watch -= 1
+            if not self._requests_in_watch and self._watch_requests_done is not None:
+                self._watch_requests_done.set()
 
     def _endpoint_order(self) -> list[int]:
         count = len(self._endpoints)
@@ -580,6 +604,18 @@ class EtcdDiscovery:
             return None
         known[node.node_id] = node
         return NodeChange("join", node.node_id, node)
+
+
+async def _close_stream(lines: AsyncIterator[str] | None, response: httpx.Response | None) -> None:
+    if response is not None:
+        await response.aclose()
+    if lines is not None:
+        # httpx reads lines through a chain of async generators; closing only the outer one leaves the inner
+        # ones to the garbage collector, which trio reports as a ResourceWarning. Once the response is closed,
+        # reading on fails at the bottom of the chain, which finishes every generator in it.
+        with contextlib.suppress(Exception):
+            async for _ in lines:
+                pass
 
 
 def _diff(before: dict[str, DiscoveredNode], after: dict[str, DiscoveredNode]) -> list[NodeChange]:

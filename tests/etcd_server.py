@@ -147,14 +147,16 @@ class TcpProxy:
     """A loopback TCP forwarder to `target_port` whose connections can be cut at will.
 
     Run `serve` in a task group (`await tg.start(proxy.serve)`), point a client at `proxy.url`, then `drop()` to
-    close every open connection and refuse new ones, and `allow()` to accept again.
+    close every open connection and stop listening (new connections are refused), and `allow()` to listen again
+    on the same port.
     """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
-        self.refusing = False
-        self._scopes: set[anyio.CancelScope] = set()
+        self._listening = anyio.CancelScope()
+        self._allowed = anyio.Event()
+        self._allowed.set()
 
     @property
     def url(self) -> str:
@@ -163,39 +165,38 @@ class TcpProxy:
 
     def drop(self) -> None:
         """Close every forwarded connection and refuse new ones until `allow()`."""
-        self.refusing = True
-        for scope in list(self._scopes):
-            scope.cancel()
+        self._allowed = anyio.Event()
+        self._listening.cancel()
 
     def allow(self) -> None:
-        """Forward new connections again."""
-        self.refusing = False
+        """Accept and forward connections again."""
+        self._allowed.set()
 
     async def serve(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Listen on a free loopback port and forward until cancelled."""
-        listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
-        self.port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
-        task_status.started()
-        await listener.serve(self._forward)
+        """Listen on a free loopback port (the same one after each `drop()`) and forward until cancelled."""
+        started = False
+        while True:
+            await self._allowed.wait()
+            # Refusing by not listening, rather than accepting and closing, means a client never half-sends.
+            listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=self.port)
+            self.port = int(listener.extra(anyio.abc.SocketAttribute.local_port))
+            self._listening = anyio.CancelScope()
+            with self._listening:
+                async with listener:
+                    if not started:
+                        started = True
+                        task_status.started()
+                    await listener.serve(self._forward)
 
     async def _forward(self, client: anyio.abc.SocketStream) -> None:
         async with client:
-            if self.refusing:
-                return
             try:
                 upstream = await anyio.connect_tcp("127.0.0.1", self.target_port)
             except OSError:
                 return
-            async with upstream:
-                scope = anyio.CancelScope()
-                self._scopes.add(scope)
-                try:
-                    with scope:
-                        async with anyio.create_task_group() as tg:
-                            tg.start_soon(_pipe, client, upstream, scope)
-                            tg.start_soon(_pipe, upstream, client, scope)
-                finally:
-                    self._scopes.discard(scope)
+            async with upstream, anyio.create_task_group() as tg:
+                tg.start_soon(_pipe, client, upstream, tg.cancel_scope)
+                tg.start_soon(_pipe, upstream, client, tg.cancel_scope)
 
 
 async def _pipe(source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream, scope: anyio.CancelScope) -> None:
