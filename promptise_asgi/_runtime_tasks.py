@@ -10,12 +10,13 @@ Nothing here knows what a process, a trigger or HTTP is.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Coroutine
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import anyio
 from anyio.abc import TaskGroup
+
+from ._tasks import spawn_detached
 
 __all__ = ["EventQueue", "Run", "TaskHost"]
 
@@ -78,8 +79,6 @@ class TaskHost:
         self._ready: anyio.Event | None = None
         self._done: anyio.Event | None = None
         self._stop_scope: anyio.CancelScope | None = None
-        # A strong reference: asyncio keeps only weak references to tasks, and a collected task is cancelled.
-        self._native_task: object = None
 
     @property
     def active(self) -> bool:
@@ -122,7 +121,7 @@ class TaskHost:
             self._ready = anyio.Event()
             self._done = anyio.Event()
             self._stop_scope = anyio.CancelScope()
-            self._native_task = _spawn_detached(self._supervise)
+            spawn_detached(self._supervise, name="promptise-asgi runtime supervisor")
         await self._ready.wait()
         assert self._tg is not None
         return self._tg
@@ -139,7 +138,6 @@ class TaskHost:
         finally:
             self._tg = None
             self._ready = None
-            self._native_task = None
             done.set()
 
     async def close(self) -> None:
@@ -151,29 +149,3 @@ class TaskHost:
         # Cancelling the scope works even before the supervisor has entered it.
         stop_scope.cancel()
         await done.wait()
-
-
-def _spawn_detached(supervise: Callable[[], Coroutine[Any, Any, None]]) -> object:
-    """Start `supervise()` as a task of the running backend that outlives the calling task.
-
-    anyio has no API for a detached task: every anyio task lives in a task group whose `async with` the
-    caller would have to stay inside, which the imperative style (`await rt.start_all()` and return) cannot
-    do. So this one helper uses the backend's own primitive. Both are cancelled when the host's main task ends
-    (asyncio.run and anyio.run cancel leftover tasks; trio cancels system tasks when main returns), so the
-    program can always exit and no task outlives the event loop. The backends are imported here, lazily, so
-    only the running one is loaded and the rest of the runtime stays anyio-only.
-    """
-    try:
-        import sniffio
-    except ImportError:  # pragma: no cover - trio depends on sniffio, so without it this must be asyncio
-        library = "asyncio"
-    else:
-        library = sniffio.current_async_library()
-    if library == "trio":
-        import trio
-
-        trio.lowlevel.spawn_system_task(supervise)
-        return None
-    import asyncio
-
-    return asyncio.get_running_loop().create_task(supervise())

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import sniffio
 
 __all__ = ["spawn_detached"]
@@ -25,39 +26,26 @@ _asyncio_tasks: set[Any] = set()
 def spawn_detached(func: Callable[[], Awaitable[None]], name: str) -> None:
     """Run `func()` in a new task that is not tied to the caller's task group.
 
-    `func` must handle its own errors: an exception escaping it is logged, never propagated.
+    An exception escaping `func` is logged, never propagated: nobody awaits a detached task, and on trio an
+    error escaping a system task would crash the whole run.
     """
+    cancelled = anyio.get_cancelled_exc_class()
 
     async def guarded() -> None:
         try:
             await func()
-        except BaseException as exc:
-            if not _is_cancellation(exc):
-                logger.exception("background task %s failed", name)
+        except cancelled:
             raise
+        except Exception:
+            logger.exception("background task %s failed", name)
 
     if sniffio.current_async_library() == "trio":
         import trio
 
-        async def trio_guarded() -> None:
-            # An error escaping a trio system task crashes the whole run as TrioInternalError.
-            try:
-                await guarded()
-            except trio.Cancelled:
-                raise
-            except BaseException:  # already logged by guarded()
-                pass
-
-        trio.lowlevel.spawn_system_task(trio_guarded, name=name)
+        trio.lowlevel.spawn_system_task(guarded, name=name)
     else:
         import asyncio
 
         task = asyncio.get_running_loop().create_task(guarded(), name=name)
         _asyncio_tasks.add(task)  # the loop holds only a weak reference to tasks
         task.add_done_callback(_asyncio_tasks.discard)
-
-
-def _is_cancellation(exc: BaseException) -> bool:
-    import anyio
-
-    return isinstance(exc, anyio.get_cancelled_exc_class())
