@@ -219,34 +219,37 @@ class NodeClient:
             NodeTimeoutError: no complete answer within `timeout`.
             NodeUnreachableError: the connection was refused, reset or broken.
         """
+        return (await self._exchange(method, path, json))[1]
+
+    async def _exchange(self, method: str, path: str, json: Any) -> tuple[int, Any, str]:
         if not path.startswith("/"):
             path = "/" + path
-        url = self._base + path
+        shown = self._display + path
         response: httpx.Response | None = None
         try:
             with anyio.move_on_after(self._timeout):
                 response = await self._client.request(
-                    method, url, json=json, headers=self._headers, timeout=self._httpx_timeout
+                    method, self._base + path, json=json, headers=self._headers, timeout=self._httpx_timeout
                 )
         except httpx.TimeoutException as exc:
-            raise NodeTimeoutError(self._display + path, _reason(exc)) from exc
+            raise NodeTimeoutError(shown, _reason(exc)) from exc
         except httpx.RequestError as exc:
-            raise NodeUnreachableError(self._display + path, _reason(exc)) from exc
+            raise NodeUnreachableError(shown, _reason(exc)) from exc
         if response is None:
-            raise NodeTimeoutError(self._display + path, f"no complete answer within {self._timeout}s")
+            raise NodeTimeoutError(shown, f"no complete answer within {self._timeout}s")
         if not response.is_success:
-            raise NodeError(response.status_code, _error_message(response), self._display + path)
+            raise NodeError(response.status_code, _error_message(response), shown)
         if not response.content:
-            return None
+            return response.status_code, None, shown
         try:
-            return response.json()
+            return response.status_code, response.json(), shown
         except ValueError:
-            raise NodeError(response.status_code, "the node's answer is not valid JSON", self._display + path) from None
+            raise NodeError(response.status_code, "the node's answer is not valid JSON", shown) from None
 
     async def _object(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
-        result = await self.request(method, path, json)
+        status_code, result, shown = await self._exchange(method, path, json)
         if not isinstance(result, dict):
-            raise NodeError(200, f"expected a JSON object, got {type(result).__name__}", self._display + path)
+            raise NodeError(status_code, f"expected a JSON object, got {type(result).__name__}", shown)
         return result
 
     async def health(self) -> dict[str, Any]:

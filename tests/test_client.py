@@ -264,11 +264,15 @@ async def test_request_returns_any_json_and_none_for_an_empty_body(node: FakeNod
 
 
 async def test_methods_refuse_a_body_that_is_not_an_object() -> None:
+    async def accepted_list(request: Request) -> Response:
+        return JSONResponse(["not", "an", "object"], 202)
+
     node = FakeNode()
-    node.app.router.routes.insert(0, Route("/status", node.a_list))
+    node.app.router.routes.insert(0, Route("/status", accepted_list))
     async with client_for(node) as client:
-        with pytest.raises(NodeError, match="expected a JSON object, got list"):
+        with pytest.raises(NodeError, match="expected a JSON object, got list") as caught:
             await client.status()
+    assert (caught.value.status_code, caught.value.url) == (202, "http://testserver/status")
 
 
 def closed_port() -> int:
