@@ -85,14 +85,11 @@ def _b64(raw: bytes) -> str:
 
 
 def _prefix_range_end(prefix: bytes) -> bytes:
-    """The smallest key greater than every key starting with `prefix` (etcd's own rule)."""
-    end = bytearray(prefix)
-    while end:
-        if end[-1] < 0xFF:
-            end[-1] += 1
-            return bytes(end)
-        end.pop()
-    return b"\x00"  # every key: only reachable with an all-0xff prefix
+    """The smallest key greater than every key starting with `prefix` (etcd's `range_end` for a prefix).
+
+    The prefix is UTF-8, which never contains the byte 0xff, so its last byte can always be incremented.
+    """
+    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 def _redact(url: str) -> str:
@@ -301,14 +298,20 @@ class EtcdDiscovery:
             EtcdError: etcd refused the request.
         """
         self._check_open()
-        registration = self._registrations.pop(node_id, None)
-        key = self._key(node_id)
-        result = await self._post("/v3/kv/deleterange", {"key": _b64(key), "prev_kv": True})
-        leases = {int(kv["lease"]) for kv in result.get("prev_kvs", []) if int(kv.get("lease", 0))}
-        if registration is not None and registration.lease is not None:
-            leases.add(registration.lease)
-        for lease in leases:
-            await self._revoke(lease)
+        try:
+            validate_node_id(node_id)
+        except ValueError:
+            return  # no such node can have been registered
+        # The lock keeps a concurrent heartbeat from writing the node back after it is deleted.
+        async with self._lock(node_id):
+            # Forgotten first: if etcd is down now, no heartbeat keeps the lease alive and the node expires.
+            registration = self._registrations.pop(node_id, None)
+            result = await self._post("/v3/kv/deleterange", {"key": _b64(self._key(node_id)), "prev_kv": True})
+            leases = {int(kv["lease"]) for kv in result.get("prev_kvs", []) if int(kv.get("lease", 0))}
+            if registration is not None and registration.lease is not None:
+                leases.add(registration.lease)
+            for lease in leases:
+                await self._revoke(lease)
 
     # --- watch ------------------------------------------------------------------------------------------
 
@@ -428,8 +431,6 @@ class EtcdDiscovery:
     def _interruptible(self) -> Iterator[None]:
         """A step of `watch()` that `aclose()` can cut short; never spans a `yield`."""
         scope = anyio.CancelScope()
-        if self._closed:
-            scope.cancel()
         self._watch_scopes.add(scope)
         try:
             with scope:
@@ -528,20 +529,19 @@ class EtcdDiscovery:
             "registered_at": time.time(),
         }
         value = _b64(json.dumps(record, separators=(",", ":")).encode())
-        for attempt in (1, 2):
-            if registration.lease is None:
-                registration.lease = await self._grant()
-            try:
-                await self._post(
-                    "/v3/kv/put",
-                    {"key": _b64(self._key(node_id)), "value": value, "lease": str(registration.lease)},
-                )
-                return
-            except EtcdError as exc:
-                # The lease can expire between keep-alive and put; one fresh lease settles it.
-                if attempt == 2 or _LEASE_NOT_FOUND not in exc.message or isinstance(exc, EtcdUnavailableError):
-                    raise
-                registration.lease = None
+        if registration.lease is None:
+            registration.lease = await self._grant()
+        try:
+            await self._put(node_id, value, registration.lease)
+        except EtcdError as exc:
+            # The lease can expire between keep-alive and put; one fresh lease settles it.
+            if isinstance(exc, EtcdUnavailableError) or _LEASE_NOT_FOUND not in exc.message:
+                raise
+            registration.lease = await self._grant()
+            await self._put(node_id, value, registration.lease)
+
+    async def _put(self, node_id: str, value: str, lease: int) -> None:
+        await self._post("/v3/kv/put", {"key": _b64(self._key(node_id)), "value": value, "lease": str(lease)})
 
     async def _snapshot(self) -> tuple[dict[str, DiscoveredNode], int]:
         prefix = self._prefix.encode()
@@ -613,9 +613,9 @@ async def _close_stream(lines: AsyncIterator[str] | None, response: httpx.Respon
         # httpx reads lines through a chain of async generators; closing only the outer one leaves the inner
         # ones to the garbage collector, which trio reports as a ResourceWarning. Once the response is closed,
         # reading on fails at the bottom of the chain, which finishes every generator in it.
-        with contextlib.suppress(Exception):
-            async for _ in lines:
-                pass
+        with contextlib.suppress(Exception):  # StopAsyncIteration included
+            while True:
+                await anext(lines)
 
 
 def _diff(before: dict[str, DiscoveredNode], after: dict[str, DiscoveredNode]) -> list[NodeChange]:

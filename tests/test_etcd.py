@@ -168,14 +168,18 @@ def test_constructor_rejects_bad_settings(kwargs: dict[str, Any], message: str) 
 
 async def test_settings_are_normalised_and_repr_hides_credentials() -> None:
     async with EtcdDiscovery(
-        "user:secret@etcd-a:2379, https://etcd-b:2379/", prefix="/p", ttl=1.5, transport=refusing_transport()
+        "user:secret@etcd-a:2379, https://etcd-b:2379/,http://u:pw@etcd-c",
+        prefix="/p",
+        ttl=1.5,
+        transport=refusing_transport(),
     ) as discovery:
-        assert discovery.endpoints == ("http://etcd-a:2379", "https://etcd-b:2379")
+        assert discovery.endpoints == ("http://etcd-a:2379", "https://etcd-b:2379", "http://etcd-c")
         assert discovery.prefix == "/p/"
         assert discovery.ttl == 2
         assert "secret" not in repr(discovery)
         assert repr(discovery) == (
-            "EtcdDiscovery(endpoints=['http://etcd-a:2379', 'https://etcd-b:2379'], prefix='/p/', ttl=2)"
+            "EtcdDiscovery(endpoints=['http://etcd-a:2379', 'https://etcd-b:2379', 'http://etcd-c'],"
+            " prefix='/p/', ttl=2)"
         )
         assert isinstance(discovery, ProcessDiscovery)
 
@@ -248,11 +252,11 @@ async def test_503_and_refused_connections_fail_over_then_stick_to_the_live_endp
 
 async def test_every_endpoint_down_names_them_all() -> None:
     calls: list[str] = []
-    answers = {"b": [httpx.Response(503, text="unavailable")]}
-    async with EtcdDiscovery("a:1,user:pw@b:1", transport=scripted_transport(answers, calls)) as discovery:
+    answers = {"b": [httpx.Response(503, text="unavailable")], "c": [httpx.Response(503, json=["odd"])]}
+    async with EtcdDiscovery("a:1,user:pw@b:1,c:1", transport=scripted_transport(answers, calls)) as discovery:
         with pytest.raises(EtcdUnavailableError) as caught:
             await discovery.discover()
-    assert caught.value.endpoints == ("http://a:1", "http://b:1")
+    assert caught.value.endpoints == ("http://a:1", "http://b:1", "http://c:1")
     assert "http://a:1" in str(caught.value)
     assert "HTTP 503: unavailable" in str(caught.value)
     assert "pw" not in str(caught.value)
@@ -272,6 +276,159 @@ async def test_unreadable_or_failed_answers_raise_etcd_error(answer: httpx.Respo
     async with EtcdDiscovery("a:1", transport=scripted_transport({"a": [answer]}, [])) as discovery:
         with pytest.raises(EtcdError, match=message):
             await discovery.discover()
+
+
+def etcd_answer(body: Any, status: int = 200) -> httpx.Response:
+    return httpx.Response(status, json=body)
+
+
+LEASE_GONE = {"error": "etcdserver: requested lease not found", "message": "etcdserver: requested lease not found"}
+
+
+async def test_a_lease_lost_between_keep_alive_and_put_is_replaced_once() -> None:
+    granted = iter(["11", "12", "13"])
+    puts: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if request.url.path == "/v3/lease/grant":
+            return etcd_answer({"ID": next(granted), "TTL": "60"})
+        assert request.url.path == "/v3/kv/put"
+        puts.append(body["lease"])
+        if body["lease"] == "11":
+            return etcd_answer(LEASE_GONE, 404)
+        if len(puts) > 2:
+            return etcd_answer({"error": "value too large", "message": "value too large"}, 400)
+        return etcd_answer({"header": {}})
+
+    async with EtcdDiscovery("a:1", transport=httpx.MockTransport(handler)) as discovery:
+        await discovery.register("n1", "http://h:1")
+        assert puts == ["11", "12"]
+        with pytest.raises(EtcdError, match="value too large"):  # other refusals are not papered over
+            await discovery.register("n2", "http://h:1")
+
+
+async def test_unregister_tolerates_a_vanished_lease_but_reports_other_failures() -> None:
+    revoke_answers = [etcd_answer(LEASE_GONE, 404), etcd_answer({"error": "boom", "message": "boom"}, 500)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v3/kv/deleterange":
+            return etcd_answer({"prev_kvs": [{"key": b64("/promptise/nodes/n1"), "lease": "7"}]})
+        assert request.url.path == "/v3/lease/revoke"
+        return revoke_answers.pop(0)
+
+    async with EtcdDiscovery("a:1", transport=httpx.MockTransport(handler)) as discovery:
+        await discovery.unregister("n1")
+        with pytest.raises(EtcdError, match="boom"):
+            await discovery.unregister("n1")
+        await discovery.unregister("not a node id")  # cannot exist: nothing sent
+    assert revoke_answers == []
+
+
+async def test_a_heartbeat_queued_behind_unregister_does_not_bring_the_node_back() -> None:
+    release_put = anyio.Event()
+    paths: list[str] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.url.path == "/v3/lease/grant":
+            return etcd_answer({"ID": "5", "TTL": "60"})
+        if request.url.path == "/v3/lease/keepalive":
+            return etcd_answer({"result": {"ID": "5", "TTL": "60"}})
+        if request.url.path == "/v3/kv/put" and paths.count("/v3/kv/put") == 2:
+            await release_put.wait()
+        return etcd_answer({"header": {}})
+
+    async with EtcdDiscovery("a:1", transport=httpx.MockTransport(handler)) as discovery:
+        await discovery.register("n1", "http://h:1")
+        beats: list[bool] = []
+
+        async def beat() -> None:
+            beats.append(await discovery.heartbeat("n1"))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(discovery.register, "n1", "http://h:2")  # holds the node's lock, its put held back
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(discovery.unregister, "n1")  # first in line for the lock
+            await anyio.wait_all_tasks_blocked()
+            tg.start_soon(beat)  # second in line
+            await anyio.wait_all_tasks_blocked()
+            release_put.set()
+    assert beats == [False]
+    assert paths[-2:] == ["/v3/kv/deleterange", "/v3/lease/revoke"]
+
+
+def watch_line(result: dict[str, Any]) -> bytes:
+    return json.dumps({"result": result}).encode() + b"\n"
+
+
+def node_kv(node_id: str, revision: int, value: str | None = None) -> dict[str, Any]:
+    record = {"node_id": node_id, "url": f"http://{node_id}:1", "metadata": {}, "registered_at": 1.0}
+    return {
+        "key": b64("/promptise/nodes/" + node_id),
+        "mod_revision": str(revision),
+        "value": b64(value if value is not None else json.dumps(record)),
+    }
+
+
+async def test_watch_survives_every_kind_of_trouble_the_gateway_can_cause() -> None:
+    ranges = [
+        None,  # connection refused while taking the first snapshot
+        {"header": {"revision": "10"}, "kvs": [node_kv("a", 5)]},
+        {"header": {"revision": "20"}, "kvs": [node_kv("c", 19)]},
+    ]
+    streams: list[tuple[int, bytes]] = [
+        (400, json.dumps({"error": {"message": "bad watch"}}).encode()),
+        (
+            200,
+            b"\n"
+            + watch_line({"header": {"revision": "10"}, "created": True})
+            + watch_line(
+                {
+                    "events": [
+                        {"kv": node_kv("b", 11)},
+                        {"kv": node_kv("a", 12, value="{garbage")},  # a known node overwritten: it left
+                        {"type": "DELETE", "kv": {"key": b64("/elsewhere/x"), "mod_revision": "13"}},
+                        {"type": "DELETE", "kv": {"key": "not base64!", "mod_revision": "13"}},
+                        {"kv": node_kv("c", 14, value="[]")},  # garbage for an unknown node: ignored
+                    ]
+                }
+            )
+            + b'{"error": {"grpc_code": 14, "message": "stream broke"}}\n',
+        ),
+        (200, b"<html>proxy error</html>\n"),
+        (200, watch_line({"canceled": True, "cancel_reason": "server going away"})),
+        (
+            200,
+            watch_line(
+                {"events": [{"type": "DELETE", "kv": {"key": b64("/promptise/nodes/b"), "mod_revision": "16"}}]}
+            ),
+        ),
+        (200, watch_line({"canceled": True, "compact_revision": "18"})),
+    ]
+    start_revisions: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v3/kv/range":
+            answer = ranges.pop(0)
+            if answer is None:
+                raise httpx.ConnectError("refused", request=request)
+            return etcd_answer(answer)
+        start_revisions.append(json.loads(request.content)["create_request"]["start_revision"])
+        status, content = streams.pop(0) if streams else (200, b"")
+        return httpx.Response(status, content=content)
+
+    async with EtcdDiscovery("a:1", transport=httpx.MockTransport(handler)) as discovery:
+        discovery.watch_backoff = (0.01, 0.02)
+        seen: list[tuple[str, str]] = []
+        async with aclosing(discovery.watch(include_existing=True)) as changes:
+            with anyio.fail_after(EVENTUALLY):
+                while len(seen) < 5:
+                    change = await anext(changes)
+                    seen.append((change.kind, change.node_id))
+    assert seen == [("join", "a"), ("join", "b"), ("leave", "a"), ("leave", "b"), ("join", "c")]
+    # Each reconnection resumed right after the last revision seen; the compaction forced a fresh read.
+    assert start_revisions[:6] == ["11", "11", "15", "15", "15", "17"]
 
 
 # --- against a real etcd ----------------------------------------------------------------------------------
@@ -503,6 +660,15 @@ async def test_two_instances_share_one_registry(etcd: EtcdServer, prefix: str) -
         assert await ids(first) == ["n2"]
         assert await first.heartbeat("n1") is True
         assert await ids(second) == ["n1", "n2"]
+
+        # Registering again after losing the lease that way works too (a fresh lease, the new metadata).
+        await second.unregister("n1")
+        await first.register("n1", "http://h:1", {"by": "first", "again": True})
+        nodes = await second.discover()
+        assert [(n.node_id, n.metadata) for n in nodes] == [
+            ("n1", {"by": "first", "again": True}),
+            ("n2", {"by": "second"}),
+        ]
 
 
 @pytest.mark.etcd
