@@ -10,7 +10,6 @@ and `watch`).
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import logging
 import math
@@ -19,12 +18,21 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, 
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import httpx
 
-from ._errors import PromptiseASGIError
+from ._etcd_gateway import (
+    LEASE_NOT_FOUND,
+    EtcdError,
+    EtcdGateway,
+    EtcdUnavailableError,
+    b64,
+    close_stream,
+    parse_endpoints,
+    prefix_range_end,
+    watch_message,
+)
 from ._validation import normalize_url, validate_metadata, validate_node_id
 from .discovery import DiscoveredNode, NodeChange
 
@@ -33,92 +41,12 @@ __all__ = ["EtcdDiscovery", "EtcdError", "EtcdUnavailableError"]
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_LEASE_NOT_FOUND = "requested lease not found"
-# gRPC UNAVAILABLE (no leader, member stopping) arrives as HTTP 503: another member may well answer.
-_RETRY_ON_NEXT_ENDPOINT = frozenset({503})
-
-
-class EtcdError(PromptiseASGIError):
-    """etcd answered a request with an error.
-
-    Attributes:
-        status_code: the HTTP status of the gateway's answer (0 when the answer was unreadable).
-        message: etcd's error text.
-        endpoint: the endpoint that answered (credentials removed).
-    """
-
-    def __init__(self, status_code: int, message: str, endpoint: str = "") -> None:
-        super().__init__(f"etcd error {status_code}: {message}" + (f" ({endpoint})" if endpoint else ""))
-        self.status_code = status_code
-        self.message = message
-        self.endpoint = endpoint
-
-
-class EtcdUnavailableError(EtcdError):
-    """No etcd endpoint could be reached (refused, reset, timed out or unavailable).
-
-    Attributes:
-        endpoints: every endpoint that was tried (credentials removed).
-        reason: what each endpoint did.
-    """
-
-    def __init__(self, endpoints: Sequence[str], reason: str = "") -> None:
-        PromptiseASGIError.__init__(
-            self, f"etcd unavailable at {', '.join(endpoints)}" + (f" ({reason})" if reason else "")
-        )
-        self.status_code = 0
-        self.message = reason
-        self.endpoint = ""
-        self.endpoints = tuple(endpoints)
-        self.reason = reason
-
 
 @dataclass(slots=True)
 class _Registration:
     url: str
     metadata: dict[str, Any]
     lease: int | None = None
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _prefix_range_end(prefix: bytes) -> bytes:
-    """The smallest key greater than every key starting with `prefix` (etcd's `range_end` for a prefix).
-
-    The prefix is UTF-8, which never contains the byte 0xff, so its last byte can always be incremented.
-    """
-    return prefix[:-1] + bytes([prefix[-1] + 1])
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def _parse_endpoints(endpoints: str | Sequence[str]) -> tuple[str, ...]:
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
-    parsed: list[str] = []
-    for item in items:
-        if not isinstance(item, str) or not item.strip():
-            raise ValueError(f"etcd endpoint must be a non-empty URL, got {item!r}")
-        text = item.strip()
-        # etcdctl accepts bare host:port, so a user coming from it will type that.
-        if "://" not in text:
-            text = "http://" + text
-        try:
-            parsed.append(normalize_url(text))
-        except ValueError:
-            raise ValueError(f"etcd endpoint must be an http(s) URL, got {_redact(text)!r}") from None
-    if not parsed:
-        raise ValueError("at least one etcd endpoint is required")
-    return tuple(parsed)
 
 
 class EtcdDiscovery:
@@ -152,7 +80,7 @@ class EtcdDiscovery:
         timeout: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self._endpoints = _parse_endpoints(endpoints)
+        parsed = parse_endpoints(endpoints)
         if not isinstance(prefix, str) or not prefix:
             raise ValueError("prefix must be a non-empty string")
         self._prefix = prefix if prefix.endswith("/") else prefix + "/"
@@ -162,8 +90,7 @@ class EtcdDiscovery:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self._ttl = math.ceil(ttl)
         self._timeout = float(timeout)
-        self._client = httpx.AsyncClient(timeout=self._timeout, transport=transport)
-        self._preferred = 0
+        self._gateway = EtcdGateway(parsed, self._timeout, transport)
         self._registrations: dict[str, _Registration] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self._watch_scopes: set[anyio.CancelScope] = set()
@@ -173,13 +100,13 @@ class EtcdDiscovery:
         self.watch_backoff = (0.1, 2.0)
 
     def __repr__(self) -> str:
-        endpoints = [_redact(e) for e in self._endpoints]
+        endpoints = list(self._gateway.endpoints)
         return f"EtcdDiscovery(endpoints={endpoints!r}, prefix={self._prefix!r}, ttl={self._ttl})"
 
     @property
     def endpoints(self) -> tuple[str, ...]:
         """The etcd client URLs, in failover order (credentials removed)."""
-        return tuple(_redact(e) for e in self._endpoints)
+        return self._gateway.endpoints
 
     @property
     def prefix(self) -> str:
@@ -210,7 +137,7 @@ class EtcdDiscovery:
             self._watch_requests_done = anyio.Event()
             with anyio.move_on_after(self._timeout):
                 await self._watch_requests_done.wait()
-        await self._client.aclose()
+        await self._gateway.aclose()
 
     # --- ProcessDiscovery -------------------------------------------------------------------------------
 
@@ -306,7 +233,7 @@ class EtcdDiscovery:
         async with self._lock(node_id):
             # Forgotten first: if etcd is down now, no heartbeat keeps the lease alive and the node expires.
             registration = self._registrations.pop(node_id, None)
-            result = await self._post("/v3/kv/deleterange", {"key": _b64(self._key(node_id)), "prev_kv": True})
+            result = await self._gateway.post("/v3/kv/deleterange", {"key": b64(self._key(node_id)), "prev_kv": True})
             leases = {int(kv["lease"]) for kv in result.get("prev_kvs", []) if int(kv.get("lease", 0))}
             if registration is not None and registration.lease is not None:
                 leases.add(registration.lease)
@@ -376,7 +303,7 @@ class EtcdDiscovery:
                         try:
                             line = await anext(lines)
                             ended = False
-                            message = _watch_message(line)
+                            message = watch_message(line)
                         except (StopAsyncIteration, httpx.HTTPError) as exc:
                             logger.warning(
                                 "etcd watch stream dropped (%r); resuming at revision %d", exc, next_revision
@@ -402,7 +329,7 @@ class EtcdDiscovery:
                             changes.append(event_change)
                     for change in changes:
                         yield change
-                await _close_stream(lines, response)
+                await close_stream(lines, response)
                 lines = response = None
                 if next_revision is not None and not self._closed:
                     with self._interruptible():
@@ -410,7 +337,7 @@ class EtcdDiscovery:
                     delay = min(delay * 2, self.watch_backoff[1])
         finally:
             with anyio.CancelScope(shield=True):
-                await _close_stream(lines, response)
+                await close_stream(lines, response)
 
     # --- internals --------------------------------------------------------------------------------------
 
@@ -455,69 +382,31 @@ class EtcdDiscovery:
             if not self._requests_in_watch and self._watch_requests_done is not None:
                 self._watch_requests_done.set()
 
-    def _endpoint_order(self) -> list[int]:
-        count = len(self._endpoints)
-        return [(self._preferred + i) % count for i in range(count)]
-
-    async def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        failures: list[str] = []
-        for index in self._endpoint_order():
-            endpoint = self._endpoints[index]
-            try:
-                response = await self._client.post(endpoint + path, json=body)
-            except httpx.TransportError as exc:
-                failures.append(f"{_redact(endpoint)}: {type(exc).__name__} {exc}".rstrip())
-                continue
-            if response.status_code in _RETRY_ON_NEXT_ENDPOINT:
-                failures.append(f"{_redact(endpoint)}: {_error_text(response)}")
-                continue
-            self._preferred = index
-            return _decode(response, _redact(endpoint))
-        raise EtcdUnavailableError(self.endpoints, "; ".join(failures))
-
     async def _open_watch(self, start_revision: int) -> httpx.Response:
         prefix = self._prefix.encode()
         body = {
             "create_request": {
-                "key": _b64(prefix),
-                "range_end": _b64(_prefix_range_end(prefix)),
+                "key": b64(prefix),
+                "range_end": b64(prefix_range_end(prefix)),
                 "start_revision": str(start_revision),
             }
         }
-        failures: list[str] = []
-        for index in self._endpoint_order():
-            endpoint = self._endpoints[index]
-            request = self._client.build_request(
-                "POST", endpoint + "/v3/watch", json=body, timeout=httpx.Timeout(self._timeout, read=None)
-            )
-            try:
-                response = await self._client.send(request, stream=True)
-            except httpx.TransportError as exc:
-                failures.append(f"{_redact(endpoint)}: {type(exc).__name__} {exc}".rstrip())
-                continue
-            if response.is_error:
-                await response.aread()
-                failures.append(f"{_redact(endpoint)}: {_error_text(response)}")
-                await response.aclose()
-                continue
-            self._preferred = index
-            return response
-        raise EtcdUnavailableError(self.endpoints, "; ".join(failures))
+        return await self._gateway.open_stream("/v3/watch", body)
 
     async def _grant(self) -> int:
-        result = await self._post("/v3/lease/grant", {"TTL": str(self._ttl)})
+        result = await self._gateway.post("/v3/lease/grant", {"TTL": str(self._ttl)})
         return int(result["ID"])
 
     async def _keep_alive(self, lease: int) -> bool:
         """Renew `lease`; False when etcd no longer knows it (its answer then carries no TTL, or TTL 0)."""
-        result = await self._post("/v3/lease/keepalive", {"ID": str(lease)})
+        result = await self._gateway.post("/v3/lease/keepalive", {"ID": str(lease)})
         return int(result.get("TTL", 0)) > 0
 
     async def _revoke(self, lease: int) -> None:
         try:
-            await self._post("/v3/lease/revoke", {"ID": str(lease)})
+            await self._gateway.post("/v3/lease/revoke", {"ID": str(lease)})
         except EtcdError as exc:
-            if _LEASE_NOT_FOUND not in exc.message or isinstance(exc, EtcdUnavailableError):
+            if LEASE_NOT_FOUND not in exc.message or isinstance(exc, EtcdUnavailableError):
                 raise
 
     async def _write(self, node_id: str, registration: _Registration) -> None:
@@ -528,24 +417,26 @@ class EtcdDiscovery:
             "metadata": registration.metadata,
             "registered_at": time.time(),
         }
-        value = _b64(json.dumps(record, separators=(",", ":")).encode())
+        value = b64(json.dumps(record, separators=(",", ":")).encode())
         if registration.lease is None:
             registration.lease = await self._grant()
         try:
             await self._put(node_id, value, registration.lease)
         except EtcdError as exc:
             # The lease can expire between keep-alive and put; one fresh lease settles it.
-            if isinstance(exc, EtcdUnavailableError) or _LEASE_NOT_FOUND not in exc.message:
+            if isinstance(exc, EtcdUnavailableError) or LEASE_NOT_FOUND not in exc.message:
                 raise
             registration.lease = await self._grant()
             await self._put(node_id, value, registration.lease)
 
     async def _put(self, node_id: str, value: str, lease: int) -> None:
-        await self._post("/v3/kv/put", {"key": _b64(self._key(node_id)), "value": value, "lease": str(lease)})
+        await self._gateway.post("/v3/kv/put", {"key": b64(self._key(node_id)), "value": value, "lease": str(lease)})
 
     async def _snapshot(self) -> tuple[dict[str, DiscoveredNode], int]:
         prefix = self._prefix.encode()
-        result = await self._post("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_range_end(prefix))})
+        result = await self._gateway.post(
+            "/v3/kv/range", {"key": b64(prefix), "range_end": b64(prefix_range_end(prefix))}
+        )
         nodes: dict[str, DiscoveredNode] = {}
         for kv in result.get("kvs", []):
             node = self._decode_node(kv)
@@ -606,66 +497,7 @@ class EtcdDiscovery:
         return NodeChange("join", node.node_id, node)
 
 
-async def _close_stream(lines: AsyncIterator[str] | None, response: httpx.Response | None) -> None:
-    if response is not None:
-        await response.aclose()
-    if lines is not None:
-        # httpx reads lines through a chain of async generators; closing only the outer one leaves the inner
-        # ones to the garbage collector, which trio reports as a ResourceWarning. Once the response is closed,
-        # reading on fails at the bottom of the chain, which finishes every generator in it.
-        with contextlib.suppress(Exception):  # StopAsyncIteration included
-            while True:
-                await anext(lines)
-
-
 def _diff(before: dict[str, DiscoveredNode], after: dict[str, DiscoveredNode]) -> list[NodeChange]:
     changes = [NodeChange("leave", node_id) for node_id in before if node_id not in after]
     changes += [NodeChange("join", node_id, node) for node_id, node in after.items() if before.get(node_id) != node]
     return changes
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return f"HTTP {response.status_code}: {response.text[:200]}"
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict):  # errors inside a stream are objects
-            return str(error.get("message", error))
-        if error is not None:
-            return str(body.get("message") or error)
-    return f"HTTP {response.status_code}: {response.text[:200]}"
-
-
-def _decode(response: httpx.Response, endpoint: str) -> dict[str, Any]:
-    if response.is_error:
-        raise EtcdError(response.status_code, _error_text(response), endpoint)
-    # Streaming RPCs (keep-alive) answer with one `{"result": ...}` or `{"error": ...}` line.
-    text = response.text.strip().splitlines()[0] if response.text.strip() else ""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        raise EtcdError(response.status_code, f"unreadable answer {text[:200]!r}", endpoint) from None
-    if not isinstance(body, dict):
-        raise EtcdError(response.status_code, f"unreadable answer {text[:200]!r}", endpoint)
-    if "error" in body:
-        error = body["error"]
-        message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
-        raise EtcdError(response.status_code, str(message), endpoint)
-    result = body.get("result", body)
-    return result if isinstance(result, dict) else {}
-
-
-def _watch_message(line: str) -> dict[str, Any] | None:
-    """The `result` of one watch stream line; None for a blank line. A stream error ends the stream."""
-    if not line.strip():
-        return None
-    try:
-        body = json.loads(line)
-    except ValueError:
-        raise httpx.DecodingError(f"unreadable watch message {line[:200]!r}") from None
-    if not isinstance(body, dict) or "result" not in body or not isinstance(body["result"], dict):
-        raise httpx.DecodingError(f"watch stream error {line[:200]!r}")
-    result: dict[str, Any] = body["result"]
-    return result
