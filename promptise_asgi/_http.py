@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any
 
+import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -22,11 +22,13 @@ from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 __all__ = [
     "JSONResponse",
     "NodeGuard",
+    "dumps",
     "error_response",
     "exception_handlers",
     "is_loopback_host",
     "normalize_tokens",
     "read_json_object",
+    "response_for_exception",
 ]
 
 logger = logging.getLogger("promptise_asgi.http")
@@ -34,13 +36,25 @@ logger = logging.getLogger("promptise_asgi.http")
 _LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
 
 
+_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def dumps(content: Any) -> bytes:
+    """Encode `content` as compact UTF-8 JSON (orjson: several times faster than `json` on every answer).
+
+    NaN and infinities become `null`; objects JSON does not know (a foreign runtime's status may hold some)
+    are written as their `str()` rather than failing the whole answer.
+    """
+    return orjson.dumps(content, default=str, option=_ORJSON_OPTIONS)
+
+
 class JSONResponse(Response):
-    """A compact JSON response (`application/json`); NaN and infinities are refused, not emitted."""
+    """A compact JSON response (`application/json`)."""
 
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        return dumps(content)
 
 
 def error_response(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -48,20 +62,24 @@ def error_response(status_code: int, message: str, headers: Mapping[str, str] | 
     return JSONResponse({"error": message}, status_code=status_code, headers=headers)
 
 
-async def _http_exception(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, str(exc.detail), exc.headers)
+def response_for_exception(exc: Exception) -> Response:
+    """The one mapping from an exception raised while serving to the JSON answer the client gets.
 
-
-async def _unexpected_exception(request: Request, exc: Exception) -> Response:
-    # Starlette's ServerErrorMiddleware logs the traceback and re-raises for the server; the client only
-    # learns that something failed, never how.
+    An `HTTPException` keeps its status, message and headers; anything else is a bare 500: the client learns
+    that something failed, never how (the server log has the traceback).
+    """
+    if isinstance(exc, HTTPException):
+        return error_response(exc.status_code, str(exc.detail), exc.headers)
     return error_response(500, "Internal server error")
 
 
+async def _handle(request: Request, exc: Exception) -> Response:
+    return response_for_exception(exc)
+
+
 def exception_handlers() -> dict[Any, ExceptionHandler]:
-    """The exception handlers that turn every failure into a JSON error body."""
-    return {HTTPException: _http_exception, Exception: _unexpected_exception}
+    """Starlette exception handlers that turn every failure into a JSON error body."""
+    return {HTTPException: _handle, Exception: _handle}
 
 
 async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
@@ -82,8 +100,8 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
                 raise HTTPException(413, f"Body larger than {max_bytes} bytes")
             chunks.append(chunk)
     try:
-        data = json.loads(b"".join(chunks))
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        data = orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError:  # also raised for bytes that are not UTF-8
         raise HTTPException(400, "Invalid JSON body") from None
     if not isinstance(data, dict):
         raise HTTPException(400, "Body must be a JSON object")
@@ -140,7 +158,7 @@ class NodeGuard:
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: ASGIApp | None,
         *,
         tokens: Iterable[bytes] = (),
         open_paths: Collection[str] = (),
@@ -154,16 +172,17 @@ class NodeGuard:
         self.enabled = enabled
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.enabled:
-            await self.app(scope, receive, send)
-            return
-        refusal = self._refusal(scope)
+        assert self.app is not None, "a NodeGuard built without an app only checks requests"
+        refusal = self.refusal(scope) if scope["type"] == "http" else None
         if refusal is None:
             await self.app(scope, receive, send)
         else:
             await refusal(scope, receive, send)
 
-    def _refusal(self, scope: Scope) -> Response | None:
+    def refusal(self, scope: Scope) -> Response | None:
+        """Return the answer refusing this HTTP request, or None when it may proceed."""
+        if not self.enabled:
+            return None
         if self.tokens:
             if _route_path(scope) in self.open_paths or self._authorized(scope):
                 return None

@@ -7,7 +7,7 @@ nothing here knows which server runs the app or how nodes are discovered.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,6 +18,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from . import _promptise_compat as compat
 from ._http import (
@@ -27,6 +28,7 @@ from ._http import (
     exception_handlers,
     normalize_tokens,
     read_json_object,
+    response_for_exception,
 )
 from ._metrics import build_registry, metrics_endpoint
 from ._openapi import node_openapi
@@ -143,11 +145,9 @@ async def inject_event(request: Request) -> Response:
     try:
         await compat.inject(process, event)
     except Exception as exc:
-        retry_after = compat.queue_full_retry_after(exc)
-        if retry_after is None:
+        if compat.queue_full_retry_after(exc) is None:
             raise
-        seconds = str(max(1, round(retry_after)))
-        return error_response(429, str(exc), {"Retry-After": seconds})
+        return error_response(429, str(exc), {"Retry-After": str(node.retry_after)})
     return JSONResponse({"status": "injected", "event_id": compat.event_id_of(event), "process": name}, status_code=202)
 
 
@@ -172,6 +172,88 @@ def _text_field(body: dict[str, Any], key: str) -> str:
 async def openapi(request: Request) -> Response:
     node = _node(request)
     return JSONResponse(node_openapi(request.scope.get("root_path", ""), secured=node.secured))
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+# The API routes a hot path can reach without the generic routing stack: (method, path) and, for
+# /processes/{name}/{action}, (method, action).
+_STATIC: dict[tuple[str, str], Endpoint] = {
+    ("GET", "/health"): health,
+    ("GET", "/livez"): livez,
+    ("GET", "/readyz"): readyz,
+    ("GET", "/status"): status,
+    ("GET", "/processes"): list_processes,
+}
+_PROCESS_ACTIONS: dict[tuple[str, str], Endpoint] = {
+    ("GET", "status"): process_status,
+    ("POST", "start"): start_process,
+    ("POST", "stop"): stop_process,
+    ("POST", "restart"): restart_process,
+    ("POST", "event"): inject_event,
+}
+
+
+class TransportApp(Starlette):
+    """The node app: a Starlette app whose API routes skip the generic middleware and routing stack.
+
+    Every request goes through the same guard and the same endpoints; for the API routes (matched exactly
+    by method and path) the app calls the endpoint directly instead of walking Starlette's middleware and
+    route list, which costs several times what the endpoint itself does on `GET /health` or
+    `POST /processes/{name}/event`. Everything else (HEAD, 404, 405, `/metrics`, `/openapi.json`, lifespan)
+    takes the full Starlette path.
+    """
+
+    def __init__(self, *, guard: NodeGuard, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._guard = guard
+        self._direct = True
+
+    def add_middleware(self, middleware_class: Any, *args: Any, **kwargs: Any) -> None:
+        # Middleware a user adds must see every request: from then on, every request takes the full stack.
+        self._direct = False
+        super().add_middleware(middleware_class, *args, **kwargs)
+
+    def add_exception_handler(self, exc_class_or_status_code: Any, handler: Any) -> None:
+        self._direct = False
+        super().add_exception_handler(exc_class_or_status_code, handler)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = _direct_endpoint(scope) if self._direct and scope["type"] == "http" else None
+        if endpoint is None:
+            await super().__call__(scope, receive, send)
+            return
+        scope["app"] = self
+        refusal = self._guard.refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        try:
+            response = await endpoint(Request(scope, receive, send))
+        except Exception as exc:
+            if not isinstance(exc, HTTPException):
+                logger.exception("%s %s failed", scope["method"], scope["path"])
+            response = response_for_exception(exc)
+        await response(scope, receive, send)
+
+
+def _direct_endpoint(scope: Scope) -> Endpoint | None:
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path:
+        if not path.startswith(root_path):
+            return None
+        path = path[len(root_path) :]
+    method: str = scope["method"]
+    endpoint = _STATIC.get((method, path))
+    if endpoint is not None or not path.startswith("/processes/"):
+        return endpoint
+    name, _, action = path[len("/processes/") :].rpartition("/")
+    endpoint = _PROCESS_ACTIONS.get((method, action))
+    if endpoint is None or not name or "/" in name:
+        return None
+    scope["path_params"] = {"name": name}
+    return endpoint
 
 
 def create_transport_app(
@@ -223,16 +305,16 @@ def create_transport_app(
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    guard = Middleware(
-        NodeGuard,
-        tokens=tokens,
-        open_paths=PROBE_PATHS,
-        trusted_hosts=trusted_hosts,
-        enabled=bool(tokens) or not allow_unauthenticated,
-    )
-    app = Starlette(
+    guard_options: dict[str, Any] = {
+        "tokens": tokens,
+        "open_paths": PROBE_PATHS,
+        "trusted_hosts": trusted_hosts,
+        "enabled": bool(tokens) or not allow_unauthenticated,
+    }
+    app = TransportApp(
+        guard=NodeGuard(None, **guard_options),
         routes=routes,
-        middleware=[guard],
+        middleware=[Middleware(NodeGuard, **guard_options)],
         exception_handlers=exception_handlers(),
         lifespan=node_lifespan if manage_runtime else None,
     )

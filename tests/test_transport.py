@@ -532,3 +532,32 @@ async def test_concurrent_injections_are_all_handled() -> None:
         await wait_for(lambda: len(handled) == len(accepted), timeout=30)
     assert len(accepted) == 2000
     assert sorted(handled) == list(range(2000))
+
+
+async def test_middleware_added_by_the_user_sees_api_requests_too() -> None:
+    seen: list[str] = []
+
+    class Spy:
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                seen.append(scope["path"])
+            await self.app(scope, receive, send)
+
+    runtime = AgentRuntime()
+    await runtime.add_process("worker", ProcessConfig())
+    app = create_transport_app(runtime)
+    app.add_middleware(Spy)
+    app.add_exception_handler(KeyError, lambda request, exc: None)  # type: ignore[arg-type,return-value]
+    async with client_for(app) as client:
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.post("/processes/worker/event", json={})).status_code == 202
+    assert seen == ["/health", "/processes/worker/event"]
+
+
+async def test_names_with_slashes_never_reach_a_process() -> None:
+    async with running_node() as (_, client, _):
+        response = await client.post("/processes/a/b/event", json={})
+    assert response.status_code == 404
