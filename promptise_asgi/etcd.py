@@ -67,6 +67,9 @@ class EtcdDiscovery:
         timeout: seconds allowed for each request to etcd (the watch stream waits for events without limit).
         transport: an httpx transport to use instead of the network (tests).
 
+    Attributes:
+        watch_backoff: (first, longest) pause in seconds between reconnection attempts of `watch()`.
+
     Raises:
         ValueError: an endpoint is not an http(s) URL, the prefix is empty or ttl is not positive.
     """
