@@ -472,11 +472,14 @@ class EtcdDiscovery:
             registered_at = record.get("registered_at")
             if isinstance(registered_at, bool) or not isinstance(registered_at, int | float):
                 raise ValueError("registered_at is not a number")
+            metadata = record.get("metadata", {})
+            if not isinstance(metadata, dict):  # it came out of JSON, so a dict is all there is to check
+                raise ValueError("metadata is not a JSON object")
             return DiscoveredNode(
                 node_id=node_id,
                 url=normalize_url(record.get("url")),
                 discovered_at=float(registered_at),
-                metadata=validate_metadata(record.get("metadata")),
+                metadata=metadata,
             )
         except (ValueError, UnicodeDecodeError) as exc:
             logger.warning("skipping undecodable etcd entry %r: %s", kv.get("key"), exc)

@@ -477,6 +477,7 @@ async def test_undecodable_entries_are_skipped_with_a_warning(
         "liar": json.dumps({"node_id": "other", "url": "http://h:1", "metadata": {}, "registered_at": 1}),
         "no-time": json.dumps({"node_id": "no-time", "url": "http://h:1", "metadata": {}}),
         "bad-url": json.dumps({"node_id": "bad-url", "url": "gopher://h", "metadata": {}, "registered_at": 1}),
+        "bad-meta": json.dumps({"node_id": "bad-meta", "url": "http://h:1", "metadata": [1], "registered_at": 1}),
     }
     for name, value in garbage.items():
         await etcd_post(etcd.url, "/v3/kv/put", {"key": b64(disc.prefix + name), "value": b64(value)})
