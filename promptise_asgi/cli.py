@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--server", choices=["uvicorn", "hypercorn"], help="ASGI server (default uvicorn)")
     node.add_argument("--coordinator", help="register with this coordinator URL ($PROMPTISE_COORDINATOR_URL)")
     node.add_argument("--advertise-url", help="URL other machines reach this node at ($PROMPTISE_ADVERTISE_URL)")
+    node.add_argument("--etcd", help="register in etcd at these endpoint URL(s), comma-separated")
     node.add_argument(
         "--allow-unauthenticated", action="store_true", help="bind a non-loopback host without PROMPTISE_AUTH_TOKEN"
     )
@@ -121,6 +122,7 @@ async def _run_node(args: argparse.Namespace) -> None:
             "server": args.server,
             "coordinator_url": args.coordinator,
             "advertise_url": args.advertise_url,
+            "etcd": [url.strip() for url in args.etcd.split(",") if url.strip()] if args.etcd else None,
         },
     )
     runtime = await settings.build_runtime()

@@ -285,6 +285,7 @@ def resolve_settings(
     try:
         settings.node_id = _checked_node_id(settings.node_id)
         settings.port = _checked_port(settings.port)
+        settings.etcd = _split_endpoints(settings.etcd)
         _check_common(settings)
     except ValueError as exc:
         raise ConfigError(f"{settings.source} (with environment/flags): {exc}") from None

@@ -168,3 +168,11 @@ max_body_bytes = 2048
 def test_more_bad_values(tmp_path: Path, text: str, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         load_settings(write(tmp_path, text))
+
+
+def test_etcd_flag_overrides_and_is_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, "[node]\netcd = ['http://127.0.0.1:2379']\n")
+    settings = resolve_settings(path, environ={}, overrides={"etcd": ["http://10.0.0.1:2379/", "http://10.0.0.2:2379"]})
+    assert settings.etcd == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    with pytest.raises(ConfigError, match="etcd"):
+        resolve_settings(path, environ={}, overrides={"etcd": ["nope"]})

@@ -5,7 +5,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
-from etcd_server import EtcdServer, TcpProxy, free_port, require_etcd
+from etcd_server import EtcdServer, TcpProxy, free_port
 
 from promptise_asgi.discovery import DiscoveredNode, NodeChange, ProcessDiscovery
 from promptise_asgi.etcd import EtcdDiscovery, EtcdError, EtcdUnavailableError
@@ -23,20 +23,6 @@ EVENTUALLY = 20.0
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    """One etcd for the tests that neither stop nor restart it (each test uses its own prefix)."""
-    with EtcdServer(tmp_path_factory.mktemp("etcd") / "data", require_etcd()) as server:
-        yield server
-
-
-@pytest.fixture
-def own_etcd(tmp_path: Path) -> Iterator[EtcdServer]:
-    """An etcd this test may stop and restart."""
-    with EtcdServer(tmp_path / "data", require_etcd()) as server:
-        yield server
 
 
 @pytest.fixture
