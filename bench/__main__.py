@@ -56,7 +56,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     preset = (
         {"warmup": 1, "duration": 3, "connections": 64, "rounds": 1, "repeats": 7, "blackhole": 1, "startup": 5}
         if quick
-        else {"warmup": 2, "duration": 10, "connections": 64, "rounds": 2, "repeats": 20, "blackhole": 3, "startup": 10}
+        else {"warmup": 2, "duration": 8, "connections": 64, "rounds": 2, "repeats": 20, "blackhole": 3, "startup": 10}
     )
 
     def pick(flag: Any, env: str, default: Any, kind: type) -> Any:
@@ -76,7 +76,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         blackhole_repeats=preset["blackhole"],
         startup_rounds=pick(args.startup_rounds, "BENCH_STARTUP_ROUNDS", preset["startup"], int),
         request_timeout=pick(args.request_timeout, "BENCH_REQUEST_TIMEOUT", 1.0, float),
-        quiet_wait=pick(args.quiet_wait, "BENCH_QUIET_WAIT", 0.0 if quick else 10.0, float),
+        quiet_wait=pick(args.quiet_wait, "BENCH_QUIET_WAIT", 0.0 if quick else 3.0, float),
     )
 
 
@@ -457,6 +457,16 @@ def run(settings: Settings, parts: list[str]) -> dict[str, Any]:
         "original_python": original,
     }
     main_python = sys.executable
+    timings: dict[str, float] = {}
+    results["part_seconds"] = timings
+    mark = time.monotonic()
+
+    def done(part: str) -> None:
+        nonlocal mark
+        timings[part] = time.monotonic() - mark
+        mark = time.monotonic()
+        _progress(f"{part}: {timings[part]:.0f} s")
+
     if "http" in parts:
         _progress(f"HTTP load: {settings.rounds} round(s), {settings.warmup} s warm-up + {settings.duration} s "
                   f"x {settings.connections} connections per route and server ...")  # fmt: skip
@@ -467,6 +477,7 @@ def run(settings: Settings, parts: list[str]) -> dict[str, Any]:
             quiet_wait=settings.quiet_wait,
         )
         results["http"] = run_http_benchmarks(load, main_python, original, rounds=settings.rounds)
+        done("http")
     if "fanout" in parts:
         _progress("coordinator fan-out ...")
         fan = FanoutSettings(
@@ -475,11 +486,14 @@ def run(settings: Settings, parts: list[str]) -> dict[str, Any]:
             request_timeout=settings.request_timeout,
         )
         results["fanout"] = run_fanout(fan, main_python, original)
+        done("fanout")
     if "startup" in parts:
         _progress("transport start/stop ...")
         results["startup"] = run_startup(settings.startup_rounds, main_python, original)
+        done("startup")
     if "registry" in parts:
         results["others"] = run_other_scripts(settings.quick)
+        done("registry")
     results["seconds"] = time.monotonic() - started
     return results
 

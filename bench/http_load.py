@@ -405,9 +405,11 @@ class _Target:
     event_path: dict[str, Any] | None = None
 
 
-def _measure(target: _Target, method: str, path: str, settings: LoadSettings) -> None:
+def _measure(target: _Target, method: str, path: str, settings: LoadSettings, warm_up: bool) -> None:
     script = _POST_SCRIPT if method == "POST" else _GET_SCRIPT
-    warm = _wrk(target.port, path, script, settings.warmup_connections, settings.warmup_seconds)
+    statuses: dict[int, int] = {}
+    if warm_up:
+        statuses = _wrk(target.port, path, script, settings.warmup_connections, settings.warmup_seconds).statuses
     if settings.quiet_wait > 0:
         _wait_quiet(settings.quiet_wait)
     cpu_before, server_before, started = _cpu_busy(), _process_cpu(target.pid), time.monotonic()
@@ -426,7 +428,7 @@ def _measure(target: _Target, method: str, path: str, settings: LoadSettings) ->
               f"{result.foreign_cpu_server_pct:.0f}% / {result.foreign_cpu_load_pct:.0f}%")  # fmt: skip
     if method != "POST":
         return
-    for code, count in [*warm.statuses.items(), *result.statuses.items()]:
+    for code, count in [*statuses.items(), *result.statuses.items()]:
         target.statuses[code] = target.statuses.get(code, 0) + count
     if target.kind == "ceiling":
         return
@@ -513,7 +515,8 @@ def run_http_benchmarks(
             for method, path in routes:
                 for target in order:
                     try:
-                        _measure(target, method, path, settings)
+                        # A server is warm after the first round; later rounds skip the warm-up.
+                        _measure(target, method, path, settings, warm_up=round_index == 0)
                     except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
                         results[target.kind] = {"status": "error", "reason": f"{method} {path}: {exc}"}
             targets = [t for t in targets if t.kind not in results]
