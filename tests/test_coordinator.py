@@ -433,6 +433,30 @@ class TestSelfRegistration:
         finally:
             await host.stop()
 
+    async def test_a_restarted_coordinator_is_healed_by_re_registration(self) -> None:
+        first = RuntimeCoordinator(discovery=RegistryDiscovery(ttl=30))
+        server = AppServer(create_coordinator_app(first), port=0)
+        await server.start()
+        port = server.port
+        discovery = CoordinatorDiscovery(server.url, timeout=1)
+        async with node("n1", discovery=discovery, heartbeat_interval=0.05) as (n1, _):
+            await first.sync_discovery()
+            assert list(first.nodes) == ["n1"]
+            await server.stop()
+            # A new coordinator process on the same address, with an empty registry.
+            second = RuntimeCoordinator(discovery=RegistryDiscovery(ttl=30))
+            server = AppServer(create_coordinator_app(second), port=port)
+            await server.start()
+            try:
+                with anyio.fail_after(15):
+                    while "n1" not in second.nodes:
+                        await anyio.sleep(0.05)
+                        await second.sync_discovery()
+                assert second.get_node("n1").url == n1.url
+            finally:
+                await server.stop()
+        await discovery.aclose()
+
     async def test_node_keeps_serving_while_the_coordinator_is_down(self) -> None:
         discovery = CoordinatorDiscovery(dead_url(), timeout=0.5)
         async with node("n1", discovery=discovery, heartbeat_interval=0.05) as (n1, _):
