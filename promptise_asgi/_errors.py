@@ -6,8 +6,12 @@ Public classes are re-exported from the module a user meets them in (`client` fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "ConfigError",
+    "EtcdError",
+    "EtcdUnavailableError",
     "NodeError",
     "NodeTimeoutError",
     "NodeUnreachableError",
@@ -75,4 +79,39 @@ class NodeTimeoutError(NodeUnreachableError):
     def __init__(self, url: str, reason: str = "") -> None:
         PromptiseASGIError.__init__(self, f"node timed out at {url}" + (f" ({reason})" if reason else ""))
         self.url = url
+        self.reason = reason
+
+
+class EtcdError(PromptiseASGIError):
+    """etcd answered a request with an error.
+
+    Attributes:
+        status_code: the HTTP status of the gateway's answer (0 when the answer was unreadable).
+        message: etcd's error text.
+        endpoint: the endpoint that answered (credentials removed).
+    """
+
+    def __init__(self, status_code: int, message: str, endpoint: str = "") -> None:
+        super().__init__(f"etcd error {status_code}: {message}" + (f" ({endpoint})" if endpoint else ""))
+        self.status_code = status_code
+        self.message = message
+        self.endpoint = endpoint
+
+
+class EtcdUnavailableError(EtcdError):
+    """No etcd endpoint could be reached (refused, reset, timed out or unavailable).
+
+    Attributes:
+        endpoints: every endpoint that was tried (credentials removed).
+        reason: what each endpoint did.
+    """
+
+    def __init__(self, endpoints: Sequence[str], reason: str = "") -> None:
+        PromptiseASGIError.__init__(
+            self, f"etcd unavailable at {', '.join(endpoints)}" + (f" ({reason})" if reason else "")
+        )
+        self.status_code = 0
+        self.message = reason
+        self.endpoint = ""
+        self.endpoints = tuple(endpoints)
         self.reason = reason

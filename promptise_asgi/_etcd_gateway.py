@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from ._errors import PromptiseASGIError
+from ._errors import EtcdError, EtcdUnavailableError
 from ._validation import normalize_url
 
 __all__ = [
@@ -35,41 +35,6 @@ __all__ = [
 LEASE_NOT_FOUND = "requested lease not found"
 # gRPC UNAVAILABLE (no leader, member stopping) arrives as HTTP 503: another member may well answer.
 _RETRY_ON_NEXT_ENDPOINT = frozenset({503})
-
-
-class EtcdError(PromptiseASGIError):
-    """etcd answered a request with an error.
-
-    Attributes:
-        status_code: the HTTP status of the gateway's answer (0 when the answer was unreadable).
-        message: etcd's error text.
-        endpoint: the endpoint that answered (credentials removed).
-    """
-
-    def __init__(self, status_code: int, message: str, endpoint: str = "") -> None:
-        super().__init__(f"etcd error {status_code}: {message}" + (f" ({endpoint})" if endpoint else ""))
-        self.status_code = status_code
-        self.message = message
-        self.endpoint = endpoint
-
-
-class EtcdUnavailableError(EtcdError):
-    """No etcd endpoint could be reached (refused, reset, timed out or unavailable).
-
-    Attributes:
-        endpoints: every endpoint that was tried (credentials removed).
-        reason: what each endpoint did.
-    """
-
-    def __init__(self, endpoints: Sequence[str], reason: str = "") -> None:
-        PromptiseASGIError.__init__(
-            self, f"etcd unavailable at {', '.join(endpoints)}" + (f" ({reason})" if reason else "")
-        )
-        self.status_code = 0
-        self.message = reason
-        self.endpoint = ""
-        self.endpoints = tuple(endpoints)
-        self.reason = reason
 
 
 def b64(raw: bytes) -> str:
