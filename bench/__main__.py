@@ -54,9 +54,9 @@ class Settings:
 def _settings(args: argparse.Namespace) -> Settings:
     quick = bool(args.quick)
     preset = (
-        {"warmup": 1, "duration": 3, "connections": 64, "rounds": 1, "repeats": 7, "blackhole": 1, "startup": 5}
+        {"warmup": 1, "duration": 2, "connections": 64, "rounds": 2, "repeats": 7, "blackhole": 1, "startup": 5}
         if quick
-        else {"warmup": 2, "duration": 8, "connections": 64, "rounds": 2, "repeats": 20, "blackhole": 3, "startup": 10}
+        else {"warmup": 2, "duration": 5, "connections": 64, "rounds": 4, "repeats": 20, "blackhole": 3, "startup": 10}
     )
 
     def pick(flag: Any, env: str, default: Any, kind: type) -> Any:
@@ -187,16 +187,18 @@ def _http_rows(http: dict[str, Any]) -> list[list[str]]:
         o_rps = o["requests_per_second"] if o else None
         c_rps = c["requests_per_second"] if c else None
         g_rps = g["requests_per_second"] if g else None
+        o_ratio = o.get("ratio_to_ceiling") if o else None
+        g_ratio = g.get("ratio_to_ceiling") if g else None
         target = _TARGETS.get(route)
-        met = None if target is None or o_rps is None or c_rps is None else o_rps / c_rps >= target
+        met = None if target is None or o_ratio is None else o_ratio >= target
         name = route.replace(EVENT_PATH, "/event")
         rows.append(
             [
                 f"{name} req/s",
                 _num(o_rps) if o_rps is not None else _na(ours),
                 _num(c_rps) if c_rps is not None else _na(ceiling),
-                f"{_num(g_rps)} ({_ratio(g_rps, c_rps)})" if g_rps is not None else _na(original),
-                _ratio(o_rps, c_rps),
+                f"{_num(g_rps)} ({g_ratio:.2f}x)" if g_rps is not None and g_ratio else _na(original),
+                f"{o_ratio:.2f}x" if o_ratio else "-",
                 f">= {target}x ceiling" if target else "-",
                 _met(met),
             ]
@@ -270,13 +272,19 @@ def _fanout_rows(fan: dict[str, Any]) -> list[list[str]]:
         so, sg = scen(o, f"instant_{size}"), scen(g, f"instant_{size}")
         per_o = so["median_s"] * 1000 / size if so else None
         per_g = sg["median_s"] * 1000 / size if sg else None
-        target = "<= original per node" if size == 100 else "-"
+        target = "per node <= original" if size == 100 else "-"
         met = None if size != 100 or per_o is None or per_g is None else per_o <= per_g
-        rows.append([f"cluster_status {size} instant node(s)", ms(so, ours, size), "-", ms(sg, original, size),
-                     _ratio(per_o, per_g) + " vs orig" if per_o and per_g else "-", "-", "-"])  # fmt: skip
-        rows.append([f"  per node, {size} instant", f"{per_o:.3f} ms" if per_o else _na(ours), "-",
-                     f"{per_g:.3f} ms" if per_g else _na(original), _ratio(per_o, per_g) + " vs orig" if per_o and per_g
-                     else "-", target, _met(met)])  # fmt: skip
+        rows.append(
+            [
+                f"cluster_status {size} instant node(s)",
+                ms(so, ours, size) + (f" = {per_o:.3f} ms/node" if per_o else ""),
+                "-",
+                ms(sg, original, size) + (f" = {per_g:.3f} ms/node" if per_g else ""),
+                _ratio(per_o, per_g) + " of orig" if per_o and per_g else "-",
+                target,
+                _met(met),
+            ]
+        )
     delay_ms = fan.get("delay_s", 0.02) * 1000
     for size in (1, 10, 100):
         so, sg = scen(o, f"delayed_{size}"), scen(g, f"delayed_{size}")
@@ -325,7 +333,7 @@ def _startup_rows(st: dict[str, Any]) -> list[list[str]]:
                 f"{vo:.2f} ms" if vo is not None else _na(ours),
                 "-",
                 f"{vg:.2f} ms" if vg is not None else _na(original),
-                _ratio(vo, vg) + " vs orig" if vo is not None and vg is not None else "-",
+                _ratio(vo, vg) + " of orig" if vo is not None and vg is not None else "-",
                 "-",
                 "-",
             ]
@@ -366,7 +374,8 @@ def render(results: dict[str, Any]) -> str:
     header = ["metric", "ours", "ceiling / baseline", "original", "ratio", "SPEC target", "met?"]
     sections: list[tuple[str, list[list[str]]]] = []
     if "http" in results:
-        sections.append(("node API under HTTP load (wrk; ratio = ours / ceiling)", _http_rows(results["http"])))
+        title = "node API under HTTP load (wrk; medians of rounds; ratio = median of per-round ours / ceiling)"
+        sections.append((title, _http_rows(results["http"])))
         sections.append(("event path end to end (all POST /event runs)", _event_rows(results["http"])))
     if "fanout" in results:
         sections.append(("coordinator fan-out (median)", _fanout_rows(results["fanout"])))
@@ -513,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="seconds of warm-up per route (BENCH_WARMUP)")
     parser.add_argument("--duration", type=int, help="seconds of measured load per route (BENCH_DURATION)")
     parser.add_argument("--connections", type=int, help="wrk connections (BENCH_CONNECTIONS)")
-    parser.add_argument("--rounds", type=int, help="HTTP rounds, best one counts (BENCH_ROUNDS)")
+    parser.add_argument("--rounds", type=int, help="HTTP rounds; medians are reported (BENCH_ROUNDS)")
     parser.add_argument("--repeats", type=int, help="timed cluster_status() calls per scenario (BENCH_REPEATS)")
     parser.add_argument("--startup-rounds", type=int, help="transport start/stop cycles (BENCH_STARTUP_ROUNDS)")
     parser.add_argument("--request-timeout", type=float, help="our coordinator's request_timeout, s")
