@@ -15,7 +15,7 @@ from typing import Any, Literal
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
@@ -230,6 +230,8 @@ class TransportApp(Starlette):
             return
         try:
             response = await endpoint(Request(scope, receive, send))
+        except ClientDisconnect:
+            return  # nobody is left to answer
         except Exception as exc:
             if not isinstance(exc, HTTPException):
                 logger.exception("%s %s failed", scope["method"], scope["path"])

@@ -50,7 +50,23 @@ def is_promptise(obj: Any) -> bool:
     Returns:
         True when any class in its MRO lives in `promptise` or one of its submodules.
     """
-    return any(cls.__module__.partition(".")[0] == "promptise" for cls in type(obj).__mro__)
+    klass = type(obj)
+    known = _PROMPTISE_CLASSES.get(klass)
+    if known is None:  # asked on every injected event, about a handful of classes: remember the answer
+        known = _PROMPTISE_CLASSES[klass] = any(c.__module__.partition(".")[0] == "promptise" for c in klass.__mro__)
+    return known
+
+
+_PROMPTISE_CLASSES: dict[type, bool] = {}
+_EVENT_CLASSES: dict[type, Any] = {}
+
+
+def _event_class(process: Any) -> Any:
+    event_class = _EVENT_CLASSES.get(type(process))
+    if event_class is None:
+        module = "promptise.runtime" if is_promptise(process) else "promptise_asgi.runtime"
+        event_class = _EVENT_CLASSES[type(process)] = importlib.import_module(module).TriggerEvent
+    return event_class
 
 
 def make_event(
@@ -69,9 +85,7 @@ def make_event(
         A `promptise.runtime.TriggerEvent` for a promptise process, else a
         `promptise_asgi.runtime.TriggerEvent`; either gets a fresh `event_id`.
     """
-    module = "promptise.runtime" if is_promptise(process) else "promptise_asgi.runtime"
-    event_class = importlib.import_module(module).TriggerEvent
-    return event_class(trigger_id=trigger_id, trigger_type=trigger_type, payload=payload, metadata=metadata)
+    return _event_class(process)(trigger_id=trigger_id, trigger_type=trigger_type, payload=payload, metadata=metadata)
 
 
 def event_id_of(event: Any) -> str:
