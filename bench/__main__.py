@@ -180,10 +180,12 @@ def _http_rows(http: dict[str, Any]) -> list[list[str]]:
     rows: list[list[str]] = []
     ours, ceiling, original = http.get("ours"), http.get("ceiling"), http.get("original")
     routes = ["GET /health", "GET /processes", "GET /status", f"POST {EVENT_PATH}"]
+
+    def route_of(part: dict[str, Any] | None, route: str) -> dict[str, Any] | None:
+        return part["routes"].get(route) if part is not None and _ok(part) else None
+
     for route in routes:
-        o = ours["routes"].get(route) if _ok(ours) else None
-        c = ceiling["routes"].get(route) if _ok(ceiling) else None
-        g = original["routes"].get(route) if _ok(original) else None
+        o, c, g = route_of(ours, route), route_of(ceiling, route), route_of(original, route)
         o_rps = o["requests_per_second"] if o else None
         c_rps = c["requests_per_second"] if c else None
         g_rps = g["requests_per_second"] if g else None
