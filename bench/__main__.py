@@ -76,7 +76,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         blackhole_repeats=preset["blackhole"],
         startup_rounds=pick(args.startup_rounds, "BENCH_STARTUP_ROUNDS", preset["startup"], int),
         request_timeout=pick(args.request_timeout, "BENCH_REQUEST_TIMEOUT", 1.0, float),
-        quiet_wait=pick(args.quiet_wait, "BENCH_QUIET_WAIT", 0.0 if quick else 3.0, float),
+        quiet_wait=pick(args.quiet_wait, "BENCH_QUIET_WAIT", 0.0 if quick else 2.0, float),
     )
 
 
