@@ -49,6 +49,14 @@ class EventQueue(Generic[T]):
         await self._available.acquire()
         return self._items.popleft()
 
+    def get_nowait(self) -> T | None:
+        """Take the next item without yielding to the event loop, or None when the queue is empty."""
+        try:
+            self._available.acquire_nowait()
+        except anyio.WouldBlock:
+            return None
+        return self._items.popleft()
+
 
 class Run:
     """One start-to-stop cycle: the scopes that stop its workers and triggers, and the event saying it ended.

@@ -50,6 +50,7 @@ logger = logging.getLogger("promptise_asgi.runtime")
 # A cron wait re-reads the wall clock at least this often, so a clock step (NTP, suspend/resume) delays a fire
 # by at most this much instead of by the whole original wait.
 CRON_MAX_SLEEP = 30.0
+WORK_BATCH = 64
 
 _RUNNING = ProcessState.RUNNING
 
@@ -300,8 +301,16 @@ class AgentProcess:
     async def _work(self, run: Run) -> None:
         queue = self._queue
         in_flight = self._in_flight
+        batch = 0
         while True:
-            event = await queue.get()
+            # Under load, taking one event per event-loop turn lets a busy server accept events far faster
+            # than they are handled (the queue fills and callers get 429s): take up to WORK_BATCH queued events
+            # in a row without yielding, then wait (and yield) like everyone else.
+            event = queue.get_nowait() if batch < WORK_BATCH else None
+            if event is None:
+                batch = 0
+                event = await queue.get()
+            batch += 1
             self._taken += 1
             ticket = self._taken
             in_flight[ticket] = event

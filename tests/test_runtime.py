@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import random
 import threading
@@ -850,3 +851,33 @@ async def test_status_fields() -> None:
         whole = rt.status()
         assert whole["process_count"] == 1 and list(whole["processes"]) == ["watcher"]
         assert whole["processes"]["watcher"]["process_id"] == process.process_id
+
+
+async def test_a_busy_worker_takes_events_in_batches_and_still_yields() -> None:
+    from promptise_asgi.runtime import WORK_BATCH
+
+    handled: list[int] = []
+
+    async def handler(event: TriggerEvent) -> None:
+        handled.append(event.payload["i"])  # never awaits: only the worker itself can yield
+
+    runtime = AgentRuntime()
+    process = await runtime.add_process("w", ProcessConfig(handler=handler, max_queue=1000))
+    for i in range(500):
+        await process.inject(TriggerEvent("t", payload={"i": i}))
+    observed: list[int] = []
+    async with anyio.create_task_group() as tg:
+
+        async def observe() -> None:
+            while len(handled) < 500:
+                observed.append(len(handled))
+                await anyio.lowlevel.checkpoint()
+
+        tg.start_soon(observe)
+        await runtime.start_all()
+    await runtime.stop_all()
+    assert handled == list(range(500))
+    steps = [b - a for a, b in itertools.pairwise(observed)]
+    # Other tasks got turns while the queue drained, and the worker took more than one event per turn.
+    assert len(observed) > 500 // WORK_BATCH
+    assert max(steps) <= WORK_BATCH and max(steps) > 1
