@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-import uuid
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,8 +45,35 @@ class ProcessState(StrEnum):
     FAILED = "failed"
 
 
-def _new_event_id() -> str:
-    return str(uuid.uuid4())
+class _EventIds:
+    """uuid4 strings from one `os.urandom` read per 256 ids.
+
+    `uuid.uuid4()` reads the kernel's random source for every id and builds a `UUID` object; on the event
+    path that was a tenth of a node's CPU under load. Same randomness, same RFC 4122 version-4 format.
+    """
+
+    __slots__ = ("_buffer", "_offset")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._offset = 0
+
+    def __call__(self) -> str:
+        if self._offset >= len(self._buffer):
+            self._buffer = os.urandom(16 * 256)
+            self._offset = 0
+        h = self._buffer[self._offset : self._offset + 16].hex()
+        self._offset += 16
+        return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+    def reset(self) -> None:
+        self._buffer = b""
+        self._offset = 0
+
+
+_new_event_id = _EventIds()
+# A forked child must not hand out the ids left in its parent's buffer.
+os.register_at_fork(after_in_child=_new_event_id.reset)
 
 
 def _utc_now() -> datetime:
