@@ -17,7 +17,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ._errors import NodeError, NodeTimeoutError, NodeUnreachableError
-from ._http import JSONResponse, NodeGuard, error_response, exception_handlers, normalize_tokens, read_json_object
+from ._http import (
+    JSONResponse,
+    NodeGuard,
+    error_response,
+    exception_handlers,
+    normalize_tokens,
+    parse_event_body,
+    read_json_object,
+)
 from ._validation import normalize_url, validate_metadata, validate_node_id
 
 if TYPE_CHECKING:
@@ -124,40 +132,30 @@ async def restart_on_node(request: Request) -> Response:
     return JSONResponse(await _coordinator(request).restart_process_on_node(node_id, request.path_params["name"]))
 
 
-def _event_fields(body: dict[str, Any]) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    for key in ("payload", "metadata"):
-        value = body.get(key)
-        if value is not None and not isinstance(value, dict):
-            raise HTTPException(400, f"{key} must be a JSON object")
-        fields[key] = value
-    value = body.get("trigger_type")
-    if value not in (None, ""):
-        if isinstance(value, dict | list):
-            raise HTTPException(400, "trigger_type must be a string")
-        fields["trigger_type"] = str(value)
-    return fields
-
-
 async def event_on_node(request: Request) -> Response:
     node_id = _known_node(request)
-    body = await read_json_object(request, request.app.state.max_body_bytes)
-    fields = _event_fields(body)
-    trigger_id = body.get("trigger_id")
-    if trigger_id not in (None, ""):
-        fields["trigger_id"] = str(trigger_id)
-    result = await _coordinator(request).inject_event_on_node(node_id, request.path_params["name"], **fields)
+    fields = parse_event_body(await read_json_object(request, request.app.state.max_body_bytes))
+    result = await _coordinator(request).inject_event_on_node(
+        node_id,
+        request.path_params["name"],
+        fields.payload,
+        trigger_id=fields.trigger_id,
+        trigger_type=fields.trigger_type,
+        metadata=fields.metadata,
+    )
     return JSONResponse(result, status_code=202)
 
 
 async def broadcast(request: Request) -> Response:
     body = await read_json_object(request, request.app.state.max_body_bytes)
-    fields = _event_fields(body)
+    fields = parse_event_body(body)
     node_ids = body.get("node_ids")
     if node_ids is not None and (not isinstance(node_ids, list) or not all(isinstance(n, str) for n in node_ids)):
         raise HTTPException(400, "node_ids must be a list of node ids")
     process: str = request.path_params["name"]
-    results = await _coordinator(request).broadcast_event(process, node_ids=node_ids, **fields)
+    results = await _coordinator(request).broadcast_event(
+        process, fields.payload, node_ids=node_ids, trigger_type=fields.trigger_type, metadata=fields.metadata
+    )
     return JSONResponse({"process": process, "results": results})
 
 

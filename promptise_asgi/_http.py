@@ -10,7 +10,7 @@ import hmac
 import ipaddress
 import logging
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from functools import lru_cache
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 
 __all__ = [
+    "EventBody",
     "JSONResponse",
     "NodeGuard",
     "dumps",
@@ -27,6 +28,7 @@ __all__ = [
     "exception_handlers",
     "is_loopback_host",
     "normalize_tokens",
+    "parse_event_body",
     "read_json_object",
     "response_for_exception",
 ]
@@ -115,6 +117,48 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
     return data
 
 
+@dataclass(frozen=True, slots=True)
+class EventBody:
+    """The fields of an event body (SPEC 3), validated, with their defaults filled in."""
+
+    trigger_id: str
+    trigger_type: str
+    payload: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+def parse_event_body(body: dict[str, Any]) -> EventBody:
+    """Validate an event body in the SPEC's order: payload, metadata, then the trigger fields.
+
+    Every key is optional: `payload`/`metadata` default to `{}`, `trigger_id`/`trigger_type` to `"remote"`
+    (also when empty); numbers and booleans given as trigger fields become text.
+
+    Raises:
+        HTTPException: 400 naming the field that is not a JSON object (or not text).
+    """
+    payload = _object_field(body, "payload")
+    metadata = _object_field(body, "metadata")
+    return EventBody(_text_field(body, "trigger_id"), _text_field(body, "trigger_type"), payload, metadata)
+
+
+def _object_field(body: dict[str, Any], key: str) -> dict[str, Any]:
+    value = body.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise HTTPException(400, f"{key} must be a JSON object")
+    return value
+
+
+def _text_field(body: dict[str, Any], key: str) -> str:
+    value = body.get(key)
+    if value is None or value == "":
+        return "remote"
+    if isinstance(value, dict | list):
+        raise HTTPException(400, f"{key} must be a string")
+    return str(value)
+
+
 def normalize_tokens(auth_token: str | Sequence[str] | None) -> tuple[bytes, ...]:
     """Validate `auth_token` (one string, several for rotation, or None) and return the tokens as bytes.
 
@@ -129,7 +173,6 @@ def normalize_tokens(auth_token: str | Sequence[str] | None) -> tuple[bytes, ...
     return tuple(t.encode() for t in tokens)
 
 
-@lru_cache(maxsize=1024)  # every request without a token asks this about the same few Host values
 def is_loopback_host(host: str) -> bool:
     """True for `localhost`, 127.0.0.0/8 and ::1 (with or without brackets)."""
     host = host.strip().lower().strip("[]")
@@ -178,6 +221,7 @@ class NodeGuard:
         self.open_paths = frozenset(open_paths)
         self.trusted_hosts = frozenset(h.lower() for h in trusted_hosts)
         self.enabled = enabled
+        self._verdicts: dict[tuple[bytes, bool], bool] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.app is not None, "a NodeGuard built without an app only checks requests"
@@ -198,19 +242,27 @@ class NodeGuard:
         host = origin = None
         for key, value in scope["headers"]:
             if key == b"host":
-                host = value.decode("latin-1")
+                host = value
             elif key == b"origin":
-                origin = value.decode("latin-1")
-        if host is not None and not self._trusted(_host_of_header(host)):
+                origin = value
+        if host is not None and not self._allowed(host, origin=False):
             return error_response(421, "Misdirected request")
-        if origin is not None:
-            origin_host = _host_of_origin(origin)
-            if origin_host is None or not self._trusted(origin_host):
-                return error_response(403, "Cross-origin request refused")
+        if origin is not None and not self._allowed(origin, origin=True):
+            return error_response(403, "Cross-origin request refused")
         return None
 
-    def _trusted(self, host: str) -> bool:
-        return is_loopback_host(host) or host.lower() in self.trusted_hosts
+    def _allowed(self, value: bytes, *, origin: bool) -> bool:
+        # Every request asks this about the same few Host/Origin values: remember the answers (bounded).
+        key = (value, origin)
+        allowed = self._verdicts.get(key)
+        if allowed is None:
+            text = value.decode("latin-1")
+            host = _host_of_origin(text) if origin else _host_of_header(text)
+            allowed = host is not None and (is_loopback_host(host) or host.lower() in self.trusted_hosts)
+            if len(self._verdicts) >= 1024:
+                self._verdicts.clear()
+            self._verdicts[key] = allowed
+        return allowed
 
     def _authorized(self, scope: Scope) -> bool:
         for key, value in scope["headers"]:

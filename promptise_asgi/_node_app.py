@@ -24,9 +24,11 @@ from . import _promptise_compat as compat
 from ._http import (
     JSONResponse,
     NodeGuard,
+    dumps,
     error_response,
     exception_handlers,
     normalize_tokens,
+    parse_event_body,
     read_json_object,
     response_for_exception,
 )
@@ -52,6 +54,25 @@ class _Node:
     retry_after: int
     secured: bool
     phase: Phase = "starting"
+    _health: tuple[int, dict[str, Any], dict[str, Any]] | None = None
+
+    def health_messages(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The ASGI messages answering `GET /health`, rebuilt only when the process count changes.
+
+        Load balancers and orchestrators hit `/health` more than anything else; answering it from two
+        prepared messages costs what a bare ASGI app costs.
+        """
+        count = len(self.runtime.processes)
+        cached = self._health
+        if cached is None or cached[0] != count:
+            body = dumps({"status": "healthy", "node_id": self.node_id, "process_count": count})
+            start = {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+            }
+            cached = self._health = (count, start, {"type": "http.response.body", "body": body})
+        return cached[1], cached[2]
 
     def process(self, name: str) -> Any:
         if name not in self.runtime.processes:
@@ -60,7 +81,7 @@ class _Node:
 
 
 def _node(request: Request) -> _Node:
-    node: _Node = request.app.state.node
+    node: _Node = request.scope["app"].node
     return node
 
 
@@ -132,15 +153,13 @@ async def _lifecycle(action: str, operation: Any, name: str) -> Any:
 async def inject_event(request: Request) -> Response:
     node, name = _node(request), request.path_params["name"]
     process = node.process(name)
-    body = await read_json_object(request, node.max_body_bytes)
-    payload = _object_field(body, "payload")
-    metadata = _object_field(body, "metadata")
+    fields = parse_event_body(await read_json_object(request, node.max_body_bytes))
     event = compat.make_event(
         process,
-        trigger_id=_text_field(body, "trigger_id"),
-        trigger_type=_text_field(body, "trigger_type"),
-        payload=payload,
-        metadata=metadata,
+        trigger_id=fields.trigger_id,
+        trigger_type=fields.trigger_type,
+        payload=fields.payload,
+        metadata=fields.metadata,
     )
     try:
         await compat.inject(process, event)
@@ -149,24 +168,6 @@ async def inject_event(request: Request) -> Response:
             raise
         return error_response(429, str(exc), {"Retry-After": str(node.retry_after)})
     return JSONResponse({"status": "injected", "event_id": compat.event_id_of(event), "process": name}, status_code=202)
-
-
-def _object_field(body: dict[str, Any], key: str) -> dict[str, Any]:
-    value = body.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise HTTPException(400, f"{key} must be a JSON object")
-    return value
-
-
-def _text_field(body: dict[str, Any], key: str) -> str:
-    value = body.get(key)
-    if value is None or value == "":
-        return "remote"
-    if isinstance(value, dict | list):
-        raise HTTPException(400, f"{key} must be a string")
-    return str(value)
 
 
 async def openapi(request: Request) -> Response:
@@ -204,8 +205,10 @@ class TransportApp(Starlette):
     takes the full Starlette path.
     """
 
-    def __init__(self, *, guard: NodeGuard, **kwargs: Any) -> None:
+    def __init__(self, *, node: _Node, guard: NodeGuard, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.node = node
+        self.state.node = node
         self._guard = guard
         self._direct = True
 
@@ -227,6 +230,11 @@ class TransportApp(Starlette):
         refusal = self._guard.refusal(scope)
         if refusal is not None:
             await refusal(scope, receive, send)
+            return
+        if endpoint is health:
+            start, body = self.node.health_messages()
+            await send(start)
+            await send(body)
             return
         try:
             response = await endpoint(Request(scope, receive, send))
@@ -314,6 +322,7 @@ def create_transport_app(
         "enabled": bool(tokens) or not allow_unauthenticated,
     }
     app = TransportApp(
+        node=_Node(runtime, node_id, max_body_bytes, retry_after, secured=bool(tokens)),
         guard=NodeGuard(None, **guard_options),
         routes=routes,
         middleware=[Middleware(NodeGuard, **guard_options)],
@@ -322,7 +331,6 @@ def create_transport_app(
     )
     # A trailing-slash redirect would point outside the mount under some proxies; an exact 404 is clearer.
     app.router.redirect_slashes = False
-    app.state.node = _Node(runtime, node_id, max_body_bytes, retry_after, secured=bool(tokens))
     app.state.node_id = node_id
     app.state.runtime = runtime
     app.state.metrics_registry = build_registry(node_id, runtime)
