@@ -88,10 +88,6 @@ class RuntimeTransport:
                 "bind 127.0.0.1, or set allow_unauthenticated=True if an authenticating proxy or private "
                 "network protects the port."
             )
-        if server not in (None, "uvicorn", "hypercorn"):
-            raise ValueError(f"server must be 'uvicorn' or 'hypercorn', not {server!r}")
-        if (ssl_certfile is None) != (ssl_keyfile is None):
-            raise ValueError("ssl_certfile and ssl_keyfile must be given together")
         self.runtime = runtime
         self.host = host
         self.node_id = node_id
@@ -203,6 +199,10 @@ class AppServer:
         log_level: str = "warning",
         name: str = "app",
     ) -> None:
+        if server not in (None, "uvicorn", "hypercorn"):
+            raise ValueError(f"server must be 'uvicorn' or 'hypercorn', not {server!r}")
+        if (ssl_certfile is None) != (ssl_keyfile is None):
+            raise ValueError("ssl_certfile and ssl_keyfile must be given together")
         self.app = app
         self.host = host
         self.server = server
