@@ -350,12 +350,22 @@ class _ServerRunner:
     async def _uvicorn_serve(self, app: ASGIApp) -> None:
         import uvicorn
 
+        shutdown = self.shutdown
+
         class _Server(uvicorn.Server):
             # uvicorn's own handlers would take SIGINT/SIGTERM away from the host program.
             def capture_signals(self) -> Any:
                 from contextlib import nullcontext
 
                 return nullcontext()
+
+            async def main_loop(self) -> None:
+                # uvicorn checks should_exit every 0.1 s; wake as soon as stop() asks instead.
+                counter = 0
+                while not await self.on_tick(counter):
+                    counter = (counter + 1) % 864000
+                    with anyio.move_on_after(0.1):
+                        await shutdown.wait()
 
         t = self.transport
         config = uvicorn.Config(
