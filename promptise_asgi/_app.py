@@ -72,7 +72,7 @@ class NodeApp:
             failure = str(exc)
         if failure is not None:
             # Sent outside the except block: some servers raise from send() and would chain our error to theirs.
-            logger.error("node failed to start: %s", failure)
+            # The server prints the message itself.
             await send({"type": "lifespan.startup.failed", "message": failure})
             return
         self.settings, self._app = settings, app

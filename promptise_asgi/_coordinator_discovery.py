@@ -43,6 +43,8 @@ class CoordinatorDiscovery:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.coordinator_url = normalize_url(coordinator_url)
+        # The coordinator's registry TTL, learnt from its answer to `register` (None until then).
+        self.ttl: float | None = None
         self._client = NodeClient(self.coordinator_url, auth_token=auth_token, timeout=timeout, transport=transport)
 
     async def discover(self) -> list[DiscoveredNode]:
@@ -71,7 +73,10 @@ class CoordinatorDiscovery:
             "url": normalize_url(url),
             "metadata": validate_metadata(metadata),
         }
-        await self._client.request("POST", "/cluster/nodes", json=body)
+        answer = await self._client.request("POST", "/cluster/nodes", json=body)
+        ttl = answer.get("ttl") if isinstance(answer, dict) else None
+        if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
+            self.ttl = float(ttl)
 
     async def heartbeat(self, node_id: str) -> bool:
         """Refresh a node's registration; False when the coordinator does not know it (register again).

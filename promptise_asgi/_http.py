@@ -19,6 +19,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 
+from ._validation import clean_token
+
 __all__ = [
     "EventBody",
     "JSONResponse",
@@ -162,15 +164,18 @@ def _text_field(body: dict[str, Any], key: str) -> str:
 def normalize_tokens(auth_token: str | Sequence[str] | None) -> tuple[bytes, ...]:
     """Validate `auth_token` (one string, several for rotation, or None) and return the tokens as bytes.
 
+    Surrounding whitespace is removed (a token read from a file or an environment variable often ends in a
+    newline; the presented credential is stripped too, so the two must match).
+
     Raises:
-        ValueError: a token is empty or blank, or the sequence is empty.
+        ValueError: a token is blank or not printable ASCII, or the sequence is empty.
     """
     if auth_token is None:
         return ()
     tokens = [auth_token] if isinstance(auth_token, str) else list(auth_token)
-    if not tokens or any(not isinstance(t, str) or not t.strip() for t in tokens):
+    if not tokens:
         raise ValueError("auth_token must be a non-empty string, a non-empty list of them, or None")
-    return tuple(t.encode() for t in tokens)
+    return tuple(clean_token(t).encode() for t in tokens)
 
 
 def is_loopback_host(host: str) -> bool:

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -356,7 +357,14 @@ async def node_lifespan(app: Starlette) -> AsyncIterator[None]:
     """
     node: _Node = app.state.node
     node.phase = "starting"
-    await node.runtime.start_all()
+    try:
+        await node.runtime.start_all()
+    except BaseException:
+        # start_all starts what it can before raising: stop those too, so a failed start leaves nothing running.
+        node.phase = "stopped"
+        with anyio.CancelScope(shield=True):
+            await node.runtime.stop_all()
+        raise
     node.phase = "ready"
     try:
         yield

@@ -40,9 +40,9 @@ class SelfRegistration:
         metadata: dict[str, Any] | None = None,
         close_discovery: bool = False,
     ) -> None:
+        self._follow_ttl = interval is None
         if interval is None:
-            ttl = getattr(discovery, "ttl", None)
-            interval = float(ttl) / 3 if isinstance(ttl, int | float) and ttl > 0 else DEFAULT_INTERVAL
+            interval = _third_of_ttl(discovery) or DEFAULT_INTERVAL
         if interval <= 0:
             raise ValueError("heartbeat_interval must be positive")
         self.discovery = discovery
@@ -82,6 +82,9 @@ class SelfRegistration:
             self._failing = True
             self.registered = False
             return False
+        if self._follow_ttl:
+            # A remote registry (a coordinator) tells its TTL only when answering a registration.
+            self.interval = _third_of_ttl(self.discovery) or self.interval
         if not self.registered:
             logger.info("node %s registered as %s", self.node_id, self.url)
         self._failing = False
@@ -119,6 +122,13 @@ class SelfRegistration:
                         backoff = min(backoff * 2, self.interval)
         finally:
             self._finished.set()
+
+
+def _third_of_ttl(discovery: Any) -> float | None:
+    ttl = getattr(discovery, "ttl", None)
+    if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
+        return float(ttl) / 3
+    return None
 
 
 def discovery_for(settings: NodeSettings) -> Any:

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -30,6 +31,8 @@ __all__ = ["AppServer", "RuntimeTransport"]
 logger = logging.getLogger("promptise_asgi.transport")
 
 ServerName = Literal["uvicorn", "hypercorn"]
+
+READY_TIMEOUT = 30.0
 
 
 class RuntimeTransport:
@@ -251,8 +254,11 @@ class AppServer:
 
         Raises:
             OSError: the address could not be bound; the message names host and port.
+            ValueError: the TLS certificate or key cannot be loaded.
         """
         if self._sock is None:
+            if self.ssl_certfile:
+                _check_tls_files(self.ssl_certfile, str(self.ssl_keyfile))
             self._sock = _bind(self.host, self._requested_port)
 
     async def start(self) -> None:
@@ -287,6 +293,14 @@ class AppServer:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
+
+
+def _check_tls_files(certfile: str, keyfile: str) -> None:
+    # Servers load these only after the app has started (hypercorn after its lifespan): fail first instead.
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load TLS certificate {certfile!r} with key {keyfile!r}: {exc}") from None
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -329,6 +343,7 @@ class _ServerRunner:
                 self.finished.set()
 
         spawn_detached(run, name=f"promptise-asgi {self.server} {self.transport.name}")
+        answered = False
         async with anyio.create_task_group() as tg:
 
             async def finished_early() -> None:
@@ -336,10 +351,34 @@ class _ServerRunner:
                 tg.cancel_scope.cancel()
 
             tg.start_soon(finished_early)
+            # The app's startup completing is not enough: hypercorn builds its TLS context and servers after
+            # it, and can still fail. Ready means the server answered a request on our socket.
             await self.ready.wait()
+            with anyio.fail_after(READY_TIMEOUT):
+                await self._first_answer()
+            answered = True
             tg.cancel_scope.cancel()
-        if not self.ready.is_set():
+        if not answered:
+            await self.stop()
             raise RuntimeError(f"the {self.server} server failed to start: {self.error!r}")
+
+    async def _first_answer(self) -> None:
+        t = self.transport
+        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(t.host, t.host)
+        port = self.sock.getsockname()[1]
+        stream: anyio.abc.ByteStream
+        if t.ssl_certfile:
+            # Only asks "is anything serving TLS here": the certificate is the client's business, not ours.
+            context = ssl.create_default_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            stream = await anyio.connect_tcp(host, port, ssl_context=context, tls_standard_compatible=False)
+        else:
+            stream = await anyio.connect_tcp(host, port)
+        authority = f"[{host}]" if ":" in host else host
+        async with stream:
+            await stream.send(f"GET /livez HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode())
+            await stream.receive()  # any answer at all: the server is serving requests
 
     async def stop(self) -> None:
         if self._uvicorn is not None:

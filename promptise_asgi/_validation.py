@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = ["NODE_ID_PATTERN", "normalize_url", "validate_metadata", "validate_node_id"]
+__all__ = ["NODE_ID_PATTERN", "clean_token", "normalize_url", "validate_metadata", "validate_node_id"]
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _NODE_ID_RE = re.compile(NODE_ID_PATTERN)
@@ -46,3 +46,18 @@ def validate_metadata(metadata: object) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"metadata must be JSON-serialisable: {exc}") from None
     return copied
+
+
+def clean_token(token: object) -> str:
+    """Return a bearer token with surrounding whitespace removed (a token read from a file ends in a newline).
+
+    Raises:
+        ValueError: not a string, blank, or holding whitespace or characters outside printable ASCII, which
+            cannot travel in an `Authorization` header. The message never repeats the token.
+    """
+    if not isinstance(token, str):
+        raise ValueError("auth_token must be a string")
+    cleaned = token.strip()
+    if not cleaned or not cleaned.isascii() or not cleaned.isprintable() or any(c.isspace() for c in cleaned):
+        raise ValueError("auth_token must be a non-empty string of printable ASCII characters without spaces")
+    return cleaned

@@ -80,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # httpx logs every request at INFO: noise on a command line.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
     run: Callable[[argparse.Namespace], Awaitable[None]] = args.run
     try:
         anyio.run(run, args, **_backend_options())
@@ -198,13 +200,19 @@ async def _run_coordinator(args: argparse.Namespace) -> None:
 
 
 async def _run_status(args: argparse.Namespace) -> None:
-    from .client import NodeClient
+    from .client import NodeClient, NodeError, NodeTimeoutError, NodeUnreachableError
 
     url = args.coordinator or os.environ.get("PROMPTISE_COORDINATOR_URL")
     if not url:
         raise CommandError("pass --coordinator URL or set PROMPTISE_COORDINATOR_URL")
     async with NodeClient(url, auth_token=_coordinator_token(), timeout=args.timeout) as client:
-        status = await client.request("GET", "/cluster/status")
+        try:
+            status = await client.request("GET", "/cluster/status")
+        except NodeUnreachableError as exc:
+            what = "did not answer" if isinstance(exc, NodeTimeoutError) else "is unreachable"
+            raise CommandError(f"coordinator {what} at {url}" + (f" ({exc.reason})" if exc.reason else "")) from None
+        except NodeError as exc:
+            raise CommandError(f"coordinator at {url} answered {exc.status_code}: {exc.message}") from None
     print(format_status(status))
 
 

@@ -16,7 +16,7 @@ import anyio
 import httpx
 
 from promptise_asgi._errors import NodeError, NodeTimeoutError, NodeUnreachableError
-from promptise_asgi._validation import normalize_url
+from promptise_asgi._validation import clean_token, normalize_url
 
 __all__ = ["NodeClient", "NodeError", "NodeTimeoutError", "NodeUnreachableError"]
 
@@ -27,15 +27,7 @@ _MAX_MESSAGE_CHARS = 500
 def _check_token(auth_token: str | None) -> dict[str, str]:
     if auth_token is None:
         return {}
-    if (
-        not isinstance(auth_token, str)
-        or not auth_token.strip()
-        or not auth_token.isascii()
-        or not auth_token.isprintable()
-    ):
-        # Never echo the value: it is a secret even when it is malformed.
-        raise ValueError("auth_token must be a non-empty string of printable ASCII characters")
-    return {"Authorization": f"Bearer {auth_token}"}
+    return {"Authorization": f"Bearer {clean_token(auth_token)}"}
 
 
 def _check_timeout(timeout: float) -> float:

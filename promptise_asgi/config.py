@@ -18,7 +18,7 @@ from typing import Any
 
 from ._errors import ConfigError
 from ._runtime_models import resolve_handler
-from ._validation import normalize_url, validate_node_id
+from ._validation import clean_token, normalize_url, validate_node_id
 from .runtime import AgentRuntime, ProcessConfig, TriggerConfig, TriggerEvent
 
 __all__ = ["ConfigError", "NodeSettings", "ProcessSpec", "demo_settings", "load_settings", "resolve_settings"]
@@ -171,8 +171,11 @@ def _check_common(settings: NodeSettings) -> None:
                 setattr(settings, key, normalize_url(value))
             except ValueError:
                 raise ValueError(f"field {key!r} must be an http(s) URL, not {value!r}") from None
-    if settings.auth_token is not None and not settings.auth_token.strip():
-        raise ValueError("field 'auth_token' must not be blank")
+    if settings.auth_token is not None:
+        try:
+            settings.auth_token = clean_token(settings.auth_token)
+        except ValueError as exc:
+            raise ValueError(f"field 'auth_token': {exc}") from None
 
 
 def _checked_node_id(value: object) -> str:
@@ -267,7 +270,8 @@ def resolve_settings(
     if path is not None:
         settings = load_settings(path)
     elif demo_fallback:
-        logger.info("no PROMPTISE_CONFIG and no ./%s: serving the built-in demo runtime", DEFAULT_CONFIG_NAME)
+        # A warning, not info: a server's default logging shows it, and serving the demo by accident matters.
+        logger.warning("no PROMPTISE_CONFIG and no ./%s: serving the built-in demo runtime", DEFAULT_CONFIG_NAME)
         settings = demo_settings()
     else:
         raise ConfigError("no config file: pass --config FILE or set PROMPTISE_CONFIG")

@@ -24,7 +24,7 @@ from anyio.abc import TaskGroup
 from ._coordinator_app import create_coordinator_app
 from ._errors import NodeError, NodeTimeoutError, NodeUnreachableError
 from ._probe import HealthProbe
-from ._validation import normalize_url, validate_metadata, validate_node_id
+from ._validation import clean_token, normalize_url, validate_metadata, validate_node_id
 from .client import NodeClient
 
 __all__ = ["NodeInfo", "RuntimeCoordinator", "create_coordinator_app"]
@@ -130,14 +130,12 @@ class RuntimeCoordinator:
                 raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
-        if auth_token is not None and (not isinstance(auth_token, str) or not auth_token.strip()):
-            raise ValueError("auth_token must be a non-empty string or None")
         self.discovery = discovery
         self.health_check_interval = float(health_check_interval)
         self.node_timeout = float(node_timeout)
         self.request_timeout = float(request_timeout)
         self.max_concurrency = max_concurrency
-        self._auth_token = auth_token
+        self._auth_token = None if auth_token is None else clean_token(auth_token)
         self._clock = clock
         self._nodes: dict[str, NodeInfo] = {}
         self._limiter = anyio.CapacityLimiter(max_concurrency)
@@ -204,8 +202,8 @@ class RuntimeCoordinator:
         validate_node_id(node_id)
         url = normalize_url(url)
         meta = validate_metadata(metadata)
-        if auth_token is not None and (not isinstance(auth_token, str) or not auth_token.strip()):
-            raise ValueError("auth_token must be a non-empty string or None")
+        if auth_token is not None:
+            auth_token = clean_token(auth_token)
         info = self._nodes.get(node_id)
         if info is not None and info.url != url:
             self._retire(node_id, info.url)

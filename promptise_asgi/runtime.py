@@ -131,9 +131,12 @@ class AgentProcess:
         Raises:
             QueueFullError: the queue holds `max_queue` events; the event was not accepted.
             TypeError: `event` is not a `TriggerEvent`.
+            RuntimeError: the process was removed from its runtime.
         """
         if not isinstance(event, TriggerEvent):
             raise TypeError(f"inject() needs a TriggerEvent, got {type(event).__name__}")
+        if self._removed:
+            raise RuntimeError(f"Process '{self._name}' was removed from its runtime; it takes no more events")
         queue = self._queue
         if len(queue) >= self._max_queue:
             self._events_refused += 1
@@ -432,6 +435,10 @@ class AgentRuntime:
             process._removed = True
             if self._processes.get(name) is process:
                 del self._processes[name]
+            left = len(process._queue)
+            if left:
+                # Nothing accepted disappears without a trace: these never ran, and they go with the process.
+                logger.warning("Process %r removed with %d queued events that will not be handled", name, left)
 
     def get_process(self, name: str) -> AgentProcess:
         """Return the process called `name`.
@@ -491,6 +498,10 @@ class AgentRuntime:
         }
 
     async def __aenter__(self) -> AgentRuntime:
+        if self._host.active and not any(p.state == _RUNNING for p in self._processes.values()):
+            # Used imperatively before (a RuntimeTransport, or start_all/stop_all) and idle now: hand the
+            # processes over to this block instead of refusing with "already running".
+            await self._host.close()
         await self._host.enter()
         return self
 

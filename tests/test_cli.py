@@ -114,7 +114,7 @@ def test_node_token_comes_from_the_environment() -> None:
     [
         (["node", "--config", "missing.toml"], ["missing.toml", "not found"]),
         (["node", "--config", str(EXAMPLE), "--host", "0.0.0.0", "--port", "0"], ["auth_token"]),
-        (["status", "--coordinator", "http://127.0.0.1:1"], ["unreachable", "127.0.0.1:1"]),
+        (["status", "--coordinator", "http://127.0.0.1:1"], ["coordinator is unreachable at http://127.0.0.1:1"]),
         (["status"], ["--coordinator"]),
         (["coordinator", "--host", "0.0.0.0"], ["PROMPTISE_AUTH_TOKEN"]),
     ],

@@ -176,3 +176,8 @@ def test_etcd_flag_overrides_and_is_validated(tmp_path: Path) -> None:
     assert settings.etcd == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
     with pytest.raises(ConfigError, match="etcd"):
         resolve_settings(path, environ={}, overrides={"etcd": ["nope"]})
+
+
+def test_token_from_the_environment_loses_its_newline(tmp_path: Path) -> None:
+    path = write(tmp_path, "[node]\nid = 'n'\n")
+    assert resolve_settings(path, environ={"PROMPTISE_AUTH_TOKEN": "tok\n"}).auth_token == "tok"

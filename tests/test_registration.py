@@ -137,3 +137,31 @@ async def test_settings_choose_the_backend() -> None:
     assert registration is not None
     assert (registration.url, registration.interval, registration.close_discovery) == ("http://10.0.0.5:9100", 2, True)
     await registration.discovery.aclose()
+
+
+async def test_heartbeat_follows_the_ttl_a_coordinator_announces() -> None:
+    import httpx
+
+    from promptise_asgi.coordinator import RuntimeCoordinator, create_coordinator_app
+
+    clock_registry = RegistryDiscovery(ttl=3.0)
+    app = create_coordinator_app(RuntimeCoordinator(discovery=clock_registry))
+    discovery = CoordinatorDiscovery("http://127.0.0.1", transport=httpx.ASGITransport(app=app))
+    assert discovery.ttl is None
+    registration = SelfRegistration(discovery, "n1", "http://127.0.0.1:9100")
+    assert registration.interval == 10  # nothing known yet
+    await registration.start()
+    assert discovery.ttl == 3.0
+    assert registration.interval == pytest.approx(1.0)
+    # Still listed well past the TTL: the heartbeats came often enough (the old fixed 10 s would not).
+    await anyio.sleep(4.5)
+    assert len(clock_registry) == 1
+    await registration.stop()
+    await discovery.aclose()
+
+
+async def test_an_explicit_interval_is_kept() -> None:
+    registration = SelfRegistration(FlakyBackend(), "n1", "http://h:1", interval=5)
+    await registration.start()
+    assert registration.interval == 5
+    await registration.stop()

@@ -902,3 +902,25 @@ def test_event_ids_are_unique_uuid4_strings_and_not_shared_after_fork() -> None:
     os.close(read)
     os.close(write)
     assert child_id != TriggerEvent("t").event_id
+
+
+async def test_removing_a_process_with_queued_events_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    runtime = AgentRuntime()
+    process = await runtime.add_process("w", ProcessConfig())
+    for _ in range(3):
+        await process.inject(TriggerEvent("t"))
+    await runtime.remove_process("w")
+    assert any("removed with 3 queued events" in r.getMessage() for r in caplog.records)
+    with pytest.raises(RuntimeError, match="removed"):
+        await process.inject(TriggerEvent("t"))
+
+
+async def test_async_with_after_imperative_use_once_everything_is_stopped() -> None:
+    runtime = AgentRuntime()
+    await runtime.add_process("w", ProcessConfig())
+    await runtime.start_all()
+    await runtime.stop_all()
+    async with runtime:
+        await runtime.start_all()
+        assert runtime.get_process("w").state == "running"
+    assert runtime.get_process("w").state == "stopped"

@@ -203,3 +203,32 @@ async def test_uvicorn_under_trio_is_refused_clearly() -> None:
     transport = RuntimeTransport(AgentRuntime(), port=0, server="uvicorn")
     with pytest.raises(RuntimeError, match="hypercorn"):
         await transport.start()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_a_server_that_dies_after_app_startup_is_a_failed_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    from promptise_asgi import _server
+
+    async def dies_after_startup(self: Any, app: Any) -> None:
+        self.ready.set()  # the app's lifespan completed...
+        raise OSError("...then the server could not create its listeners")
+
+    monkeypatch.setattr(_server._ServerRunner, "_hypercorn_serve", dies_after_startup)
+    runtime = await make_runtime()
+    transport = RuntimeTransport(runtime, port=0, server="hypercorn")
+    with pytest.raises(RuntimeError, match="could not create its listeners"):
+        await transport.start()
+    assert not transport.running
+    assert runtime.get_process("worker").state == "stopped"
+
+
+def test_unreadable_tls_files_fail_before_anything_starts(tmp_path: Any) -> None:
+    missing = str(tmp_path / "missing.pem")
+    transport = RuntimeTransport(AgentRuntime(), port=0, ssl_certfile=missing, ssl_keyfile=missing)
+
+    async def start() -> None:
+        await transport.start()
+
+    with pytest.raises(ValueError, match="cannot load TLS certificate"):
+        anyio.run(start)
+    assert not transport.running

@@ -561,3 +561,33 @@ async def test_names_with_slashes_never_reach_a_process() -> None:
     async with running_node() as (_, client, _):
         response = await client.post("/processes/a/b/event", json={})
     assert response.status_code == 404
+
+
+async def test_a_failed_start_stops_the_processes_that_did_start() -> None:
+    runtime = AgentRuntime()
+    await runtime.add_process("good", ProcessConfig())
+    await runtime.add_process("bad", ProcessConfig(handler="nosuchmodule_xyz:fn"))
+    app = create_transport_app(runtime)
+    with pytest.raises(ValueError, match="nosuchmodule_xyz"):
+        async with node_lifespan(app):
+            pass  # pragma: no cover - never entered
+    assert runtime.get_process("good").state == "stopped"
+    assert app.state.node.phase == "stopped"
+
+
+async def test_a_token_read_with_its_trailing_newline_still_works() -> None:
+    async with running_node(token="s3cret\n") as (_, client, _):
+        response = await client.get("/status", headers={"Authorization": "Bearer s3cret"})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize("token", ["two words", "tok\r\nX-Injected: 1", "caf\u00e9"])
+def test_tokens_that_cannot_travel_in_a_header_are_refused(token: str) -> None:
+    from promptise_asgi.coordinator import RuntimeCoordinator
+
+    with pytest.raises(ValueError, match="printable ASCII"):
+        create_transport_app(AgentRuntime(), auth_token=token)
+    with pytest.raises(ValueError, match="printable ASCII"):
+        RuntimeCoordinator(auth_token=token)
+    with pytest.raises(ValueError, match="printable ASCII"):
+        RuntimeCoordinator().register_node("n", "http://h:1", auth_token=token)
