@@ -193,3 +193,28 @@ def test_server_exits_on_bad_config(server: str, tmp_path: Path) -> None:
     if server == "uvicorn":
         assert process.returncode != 0
     assert str(bad) in output and "'watcher'" in output and "cron_expression" in output
+
+
+async def test_registers_with_the_coordinator_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from promptise_asgi.coordinator import RuntimeCoordinator, create_coordinator_app
+    from promptise_asgi.discovery import RegistryDiscovery
+    from promptise_asgi.transport import AppServer
+
+    registry = RegistryDiscovery(ttl=30)
+    coordinator = AppServer(create_coordinator_app(RuntimeCoordinator(discovery=registry)), port=0)
+    await coordinator.start()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PROMPTISE_CONFIG", raising=False)
+    monkeypatch.setenv("PROMPTISE_NODE_ID", "env-registered")
+    monkeypatch.setenv("PROMPTISE_COORDINATOR_URL", coordinator.url)
+    monkeypatch.setenv("PROMPTISE_ADVERTISE_URL", "http://127.0.0.1:9999")
+    try:
+        async with lifespan(NodeApp()) as started:
+            assert started["type"] == "lifespan.startup.complete"
+            nodes = await registry.discover()
+            assert [(n.node_id, n.url) for n in nodes] == [("env-registered", "http://127.0.0.1:9999")]
+        assert await registry.discover() == []  # unregistered at shutdown
+    finally:
+        await coordinator.stop()
