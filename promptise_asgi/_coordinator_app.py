@@ -22,6 +22,7 @@ from ._http import (
     NodeGuard,
     error_response,
     exception_handlers,
+    guard_options,
     normalize_tokens,
     parse_event_body,
     read_json_object,
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
     from .coordinator import RuntimeCoordinator
 
 __all__ = ["create_coordinator_app"]
-
-PROBE_PATHS = ("/health", "/livez", "/readyz")
 
 
 def _coordinator(request: Request) -> RuntimeCoordinator:
@@ -212,13 +211,8 @@ def create_coordinator_app(
     handlers = exception_handlers()
     handlers[NodeError] = _node_error
     handlers[NodeUnreachableError] = _node_unreachable
-    guard = Middleware(
-        NodeGuard,
-        tokens=tokens,
-        open_paths=PROBE_PATHS,
-        trusted_hosts=trusted_hosts,
-        enabled=bool(tokens) or not allow_unauthenticated,
-    )
+    options = guard_options(tokens, allow_unauthenticated=allow_unauthenticated, trusted_hosts=trusted_hosts)
+    guard = Middleware(NodeGuard, **options)
     app = Starlette(routes=routes, middleware=[guard], exception_handlers=handlers)
     app.router.redirect_slashes = False
     app.state.coordinator = coordinator

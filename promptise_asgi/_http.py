@@ -22,12 +22,14 @@ from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 from ._validation import clean_token
 
 __all__ = [
+    "PROBE_PATHS",
     "EventBody",
     "JSONResponse",
     "NodeGuard",
     "dumps",
     "error_response",
     "exception_handlers",
+    "guard_options",
     "is_loopback_host",
     "normalize_tokens",
     "parse_event_body",
@@ -159,6 +161,22 @@ def _text_field(body: dict[str, Any], key: str) -> str:
     if isinstance(value, dict | list):
         raise HTTPException(400, f"{key} must be a string")
     return str(value)
+
+
+PROBE_PATHS = ("/health", "/livez", "/readyz")
+
+
+def guard_options(
+    tokens: tuple[bytes, ...], *, allow_unauthenticated: bool, trusted_hosts: Collection[str]
+) -> dict[str, Any]:
+    """The one rule both apps' guards follow: probes open, tokens if any, else the loopback guard unless
+    the user opted out explicitly."""
+    return {
+        "tokens": tokens,
+        "open_paths": PROBE_PATHS,
+        "trusted_hosts": trusted_hosts,
+        "enabled": bool(tokens) or not allow_unauthenticated,
+    }
 
 
 def normalize_tokens(auth_token: str | Sequence[str] | None) -> tuple[bytes, ...]:

@@ -28,6 +28,7 @@ from ._http import (
     dumps,
     error_response,
     exception_handlers,
+    guard_options,
     normalize_tokens,
     parse_event_body,
     read_json_object,
@@ -42,7 +43,6 @@ __all__ = ["create_transport_app", "node_lifespan"]
 logger = logging.getLogger("promptise_asgi.transport")
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
-PROBE_PATHS = ("/health", "/livez", "/readyz")
 
 Phase = Literal["starting", "ready", "draining", "stopped"]
 
@@ -316,17 +316,12 @@ def create_transport_app(
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    guard_options: dict[str, Any] = {
-        "tokens": tokens,
-        "open_paths": PROBE_PATHS,
-        "trusted_hosts": trusted_hosts,
-        "enabled": bool(tokens) or not allow_unauthenticated,
-    }
+    options = guard_options(tokens, allow_unauthenticated=allow_unauthenticated, trusted_hosts=trusted_hosts)
     app = TransportApp(
         node=_Node(runtime, node_id, max_body_bytes, retry_after, secured=bool(tokens)),
-        guard=NodeGuard(None, **guard_options),
+        guard=NodeGuard(None, **options),
         routes=routes,
-        middleware=[Middleware(NodeGuard, **guard_options)],
+        middleware=[Middleware(NodeGuard, **options)],
         exception_handlers=exception_handlers(),
         lifespan=node_lifespan if manage_runtime else None,
     )
