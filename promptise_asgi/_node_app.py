@@ -36,7 +36,7 @@ from ._http import (
 )
 from ._metrics import build_registry, metrics_endpoint
 from ._openapi import node_openapi
-from ._protocol import RuntimeLike
+from ._protocol import ClosableRuntime, RuntimeLike
 
 __all__ = ["create_transport_app", "node_lifespan"]
 
@@ -337,6 +337,8 @@ def create_transport_app(
 async def node_lifespan(app: Starlette) -> AsyncIterator[None]:
     """Start the runtime behind a transport app, and drain and stop it on exit.
 
+    The end of the node's lifespan is the runtime's exit: a runtime with an `aclose()` (the built-in one) is
+    closed, so events still queued in a memory store are discarded with a log line saying how many.
     `/readyz` answers 503 before this starts, 200 inside it, and 503 again while draining and after.
     Use it in a host app's own lifespan when the transport app is mounted::
 
@@ -366,6 +368,7 @@ async def node_lifespan(app: Starlette) -> AsyncIterator[None]:
     finally:
         node.phase = "draining"
         try:
-            await node.runtime.stop_all()
+            runtime = node.runtime
+            await (runtime.aclose() if isinstance(runtime, ClosableRuntime) else runtime.stop_all())
         finally:
             node.phase = "stopped"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ProcessLike", "RuntimeLike"]
+__all__ = ["ClosableRuntime", "ProcessLike", "RuntimeLike"]
 
 
 @runtime_checkable
@@ -49,3 +49,10 @@ class RuntimeLike(Protocol):
     async def start_all(self) -> Any: ...
 
     async def stop_all(self) -> Any: ...
+
+
+@runtime_checkable
+class ClosableRuntime(Protocol):
+    """A runtime with an exit of its own (the built-in one): `aclose()` stops everything and releases it."""
+
+    async def aclose(self) -> Any: ...

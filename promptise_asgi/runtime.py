@@ -101,6 +101,7 @@ class AgentProcess:
         self._events_failed = 0
         self._events_refused = 0
         self._events_requeued = 0
+        self._events_discarded = 0
         self._restart_count = 0
         self._last_error: str | None = None
         self._last_event_id: str | None = None
@@ -172,6 +173,12 @@ class AgentProcess:
                 await self._host.close()
             return changed
 
+    async def _stop_at_exit(self) -> None:
+        async with self._lock:
+            await self._stop_locked(exiting=True)
+            if self._owns_host:
+                await self._host.close()
+
     async def restart(self) -> None:
         """Stop (if running) then start, as one operation; counts in `restart_count`."""
         async with self._lock:
@@ -205,6 +212,7 @@ class AgentProcess:
             "events_failed": self._events_failed,
             "events_refused": self._events_refused,
             "events_requeued": self._events_requeued,
+            "events_discarded": self._events_discarded,
             "last_error": self._last_error,
             "last_event_id": self._last_event_id,
             "uptime_seconds": time.monotonic() - started_at if started_at is not None and running else None,
@@ -245,12 +253,13 @@ class AgentProcess:
                 self._state = ProcessState.STOPPED
         return True
 
-    async def _stop_locked(self) -> bool:
+    async def _stop_locked(self, *, exiting: bool = False) -> bool:
         if self._state is not _RUNNING:
             return False
         self._state = ProcessState.STOPPING
         run = self._run
         assert run is not None
+        requeued = self._events_requeued
         try:
             run.triggers.cancel()
             run.draining = True
@@ -263,6 +272,17 @@ class AgentProcess:
             # events back at the front of the queue and marks the process stopped.
             run.workers.cancel()
         await run.done.wait()
+        left = len(self._queue)
+        if left and not exiting:  # at an exit, the runtime reports what it discards instead
+            logger.warning(
+                "Process %r stopped with %d event(s) left after drain_timeout=%ss (%d cut off while being handled, "
+                "put back first): they stay queued in memory and run if the process starts again; the memory "
+                "store loses them if the runtime exits first",
+                self._name,
+                left,
+                self._config.drain_timeout,
+                self._events_requeued - requeued,
+            )
         return True
 
     async def _run_body(self, run: Run, *, task_status: TaskStatus[None]) -> None:
@@ -285,19 +305,19 @@ class AgentProcess:
 
     def _requeue_interrupted(self) -> None:
         interrupted = list(self._in_flight.values())
-        if not interrupted:
-            return
         self._in_flight.clear()
         for event in reversed(interrupted):
             self._queue.put_front(event)
         self._events_requeued += len(interrupted)
-        logger.warning(
-            "Process %r stopped with %d event(s) still being handled (drain_timeout=%ss); "
-            "they were put back at the front of the queue and will be handled after the next start",
-            self._name,
-            len(interrupted),
-            self._config.drain_timeout,
-        )
+
+    def _discard_queued(self, why: str) -> int:
+        """Drop every queued event (the runtime is going away), count them and say so; returns how many."""
+        left = len(self._queue)
+        if left:
+            self._queue = EventQueue()
+            self._events_discarded += left
+            logger.warning("Process %r: %d queued event(s) discarded %s", self._name, left, why)
+        return left
 
     # -- workers ---------------------------------------------------------------------------------------------
 
@@ -431,14 +451,12 @@ class AgentRuntime:
         """
         process = self.get_process(name)
         async with process._lock:
-            await process._stop_locked()
+            await process._stop_locked(exiting=True)
             process._removed = True
             if self._processes.get(name) is process:
                 del self._processes[name]
-            left = len(process._queue)
-            if left:
-                # Nothing accepted disappears without a trace: these never ran, and they go with the process.
-                logger.warning("Process %r removed with %d queued events that will not be handled", name, left)
+            # Nothing accepted disappears without a trace: these never ran, and they go with the process.
+            process._discard_queued("with the process, which was removed")
 
     def get_process(self, name: str) -> AgentProcess:
         """Return the process called `name`.
@@ -478,17 +496,34 @@ class AgentRuntime:
             raise first_error
 
     async def stop_all(self) -> None:
-        """Stop every process concurrently, so drain timeouts overlap instead of adding up."""
+        """Stop every process concurrently, so drain timeouts overlap instead of adding up.
+
+        Events left after a process's `drain_timeout` stay queued in memory for its next start (logged).
+        """
         async with anyio.create_task_group() as tg:
             for process in list(self._processes.values()):
                 tg.start_soon(process.stop)
 
     async def aclose(self) -> None:
-        """Stop every process and close the task group the processes ran in (shared by both styles)."""
+        """Stop every process and close the task group the processes ran in (shared by both styles).
+
+        This is the runtime's exit: events still queued (left after `drain_timeout`, or injected into a stopped
+        process) are discarded, with one log line per process saying how many, since the memory store keeps
+        nothing across an exit. `async with` ends the same way.
+        """
         try:
-            await self.stop_all()
+            await self._exit()
         finally:
             await self._host.close()
+
+    async def _exit(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                for process in list(self._processes.values()):
+                    tg.start_soon(process._stop_at_exit)
+        finally:
+            for process in self._processes.values():
+                process._discard_queued("at exit: the memory store keeps no events across an exit")
 
     def status(self) -> dict[str, Any]:
         """Return `{"process_count": N, "processes": {name: process status}}`."""
@@ -512,7 +547,7 @@ class AgentRuntime:
         tb: TracebackType | None,
     ) -> bool:
         try:
-            await self.stop_all()
+            await self._exit()
         finally:
             suppress = await self._host.exit(exc_type, exc, tb)
         return suppress

@@ -378,7 +378,9 @@ async def test_drain_timeout_requeues_the_interrupted_event_at_the_front(
         status = process.status()
         assert (status["state"], status["queue_size"], status["in_flight"]) == ("stopped", 2, 0)
         assert status["events_requeued"] == 1 and status["events_handled"] == 0
-        assert any("put back at the front" in r.getMessage() for r in caplog.records)
+        [line] = [r.getMessage() for r in caplog.records if "stopped with" in r.getMessage()]
+        assert "2 event(s) left" in line and "1 cut off while being handled, put back first" in line
+        assert "loses them if the runtime exits" in line
 
         recorder.gate = None
         await process.start()
@@ -910,9 +912,54 @@ async def test_removing_a_process_with_queued_events_says_so(caplog: pytest.LogC
     for _ in range(3):
         await process.inject(TriggerEvent("t"))
     await runtime.remove_process("w")
-    assert any("removed with 3 queued events" in r.getMessage() for r in caplog.records)
+    assert "Process 'w': 3 queued event(s) discarded with the process, which was removed" in caplog.messages
     with pytest.raises(RuntimeError, match="removed"):
         await process.inject(TriggerEvent("t"))
+
+
+class TestHonestExit:
+    """SPEC 18: a memory-store runtime that exits with events left says how many it discards, never 'later'."""
+
+    async def test_a_stopped_process_queue_is_reported_discarded_at_exit(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.WARNING, logger="promptise_asgi.runtime")
+        async with AgentRuntime() as rt:
+            process = await rt.add_process("idle", ProcessConfig())
+            for _ in range(4):
+                await process.inject(TriggerEvent("t"))  # never started: these only wait
+        assert caplog.messages == [
+            "Process 'idle': 4 queued event(s) discarded at exit: the memory store keeps no events across an exit"
+        ]
+        assert process.status()["events_discarded"] == 4 and process.status()["queue_size"] == 0
+
+    async def test_drain_timeout_at_exit_reports_discards_and_no_promise(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        caplog.set_level(logging.WARNING, logger="promptise_asgi.runtime")
+        recorder = Recorder()
+        recorder.gate = anyio.Event()  # the handler never finishes: the drain timeout cuts it off
+        runtime = AgentRuntime()
+        process = await runtime.add_process("slow", ProcessConfig(handler=recorder, drain_timeout=0.05))
+        await runtime.start_all()
+        for _ in range(3):
+            await process.inject(ev())
+        await recorder.entered.wait()
+        await runtime.aclose()
+        assert caplog.messages == [
+            "Process 'slow': 3 queued event(s) discarded at exit: the memory store keeps no events across an exit"
+        ]
+        assert not any("starts again" in message or "next start" in message for message in caplog.messages)
+
+    async def test_nothing_is_logged_when_nothing_is_left(self, caplog: pytest.LogCaptureFixture) -> None:
+        caplog.set_level(logging.WARNING, logger="promptise_asgi.runtime")
+        recorder = Recorder()
+        async with AgentRuntime() as rt:
+            process = await rt.add_process("quick", ProcessConfig(handler=recorder))
+            await process.start()
+            await process.inject(ev())
+        assert len(recorder.seen) == 1
+        assert caplog.messages == []
 
 
 async def test_async_with_after_imperative_use_once_everything_is_stopped() -> None:
