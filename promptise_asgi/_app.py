@@ -2,8 +2,10 @@
 
 It is a real module attribute (servers look it up in the module namespace), built from the environment
 when the server's lifespan starts: `PROMPTISE_CONFIG` or `./promptise.toml` or the built-in demo, plus
-`PROMPTISE_NODE_ID`, `PROMPTISE_AUTH_TOKEN`, `PROMPTISE_COORDINATOR_URL` and `PROMPTISE_ADVERTISE_URL`.
-A bad config is reported as `lifespan.startup.failed`, so the server exits instead of serving a broken node.
+`PROMPTISE_NODE_ID`, `PROMPTISE_AUTH_TOKEN`, `PROMPTISE_COORDINATOR_URL`, `PROMPTISE_ADVERTISE_URL`,
+`PROMPTISE_ALLOW_UNAUTHENTICATED` and `PROMPTISE_TRUSTED_HOSTS`. A bad config is reported as
+`lifespan.startup.failed`, so the server exits instead of serving a broken node. The app cannot see the
+address the server bound, so without a token it serves loopback peers only, whatever `--host` says.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class NodeApp:
             runtime,
             settings.node_id,
             auth_token=settings.auth_token,
+            allow_unauthenticated=settings.allow_unauthenticated,
+            trusted_hosts=settings.trusted_hosts,
             max_body_bytes=settings.max_body_bytes,
         )
         await stack.enter_async_context(node_lifespan(app))
@@ -77,6 +81,7 @@ class NodeApp:
             return
         self.settings, self._app = settings, app
         logger.info("node %s ready (%d processes, from %s)", settings.node_id, len(settings.processes), settings.source)
+        _log_exposure(settings)
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
         try:
@@ -88,3 +93,21 @@ class NodeApp:
 
 
 app = NodeApp()
+
+
+def _log_exposure(settings: NodeSettings) -> None:
+    if settings.auth_token is not None:
+        return
+    if settings.allow_unauthenticated:
+        logger.warning(
+            "node %s has no token and PROMPTISE_ALLOW_UNAUTHENTICATED is set: anyone who can reach this server "
+            "can start, stop and drive its processes; set PROMPTISE_AUTH_TOKEN unless a proxy or a private "
+            "network protects the port",
+            settings.node_id,
+        )
+    else:
+        logger.info(
+            "node %s has no token (PROMPTISE_AUTH_TOKEN): its API answers loopback clients only; "
+            "requests from other machines get 403",
+            settings.node_id,
+        )

@@ -6,7 +6,7 @@ auth and error conventions are the node's (`_http`). Knows the coordinator's pub
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -16,18 +16,27 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ._errors import NodeError, NodeTimeoutError, NodeUnreachableError
+from ._errors import (
+    ClusterFullError,
+    DiscoveryUnavailableError,
+    MetadataTooLargeError,
+    NodeConflictError,
+    NodeError,
+    NodeTimeoutError,
+    NodeUnreachableError,
+)
 from ._http import (
+    NODE,
+    ONLY_CONTROL,
     JSONResponse,
-    NodeGuard,
+    RequestGuard,
+    Scopes,
     error_response,
     exception_handlers,
-    guard_options,
     normalize_tokens,
     parse_event_body,
     read_json_object,
 )
-from ._validation import normalize_url, validate_metadata, validate_node_id
 
 if TYPE_CHECKING:
     from .coordinator import RuntimeCoordinator
@@ -72,47 +81,29 @@ async def list_nodes(request: Request) -> Response:
 
 
 async def register_node(request: Request) -> Response:
-    coordinator = _coordinator(request)
     body = await read_json_object(request, request.app.state.max_body_bytes)
+    node_id: Any = body.get("node_id")  # of any JSON type: accept_registration checks them
+    url: Any = body.get("url")
     try:
-        node_id = validate_node_id(body.get("node_id"))
-        url = normalize_url(body.get("url"))
-        metadata = validate_metadata(body.get("metadata"))
+        answer = await _coordinator(request).accept_registration(node_id, url, body.get("metadata"))
+    except MetadataTooLargeError as exc:
+        raise HTTPException(413, str(exc)) from None
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    discovery = coordinator.discovery
-    answer: dict[str, Any] = {"status": "registered", "node_id": node_id, "url": url}
-    if discovery is not None:
-        # Registration goes through the backend so its TTL applies; the table follows it.
-        await discovery.register(node_id, url, metadata)
-        await coordinator.sync_discovery()
-        ttl = getattr(discovery, "ttl", None)
-        if ttl is not None:
-            answer["ttl"] = ttl
-    else:
-        coordinator.register_node(node_id, url, metadata)
     return JSONResponse(answer)
 
 
 async def heartbeat(request: Request) -> Response:
-    coordinator = _coordinator(request)
     node_id: str = request.path_params["node_id"]
-    beat = getattr(coordinator.discovery, "heartbeat", None)
-    known = await beat(node_id) if beat is not None else node_id in coordinator.nodes
-    if not known:
+    if not await _coordinator(request).accept_heartbeat(node_id):
         raise HTTPException(404, f"Node '{node_id}' not registered")
     return JSONResponse({"status": "ok", "node_id": node_id})
 
 
 async def unregister_node(request: Request) -> Response:
-    coordinator = _coordinator(request)
     node_id: str = request.path_params["node_id"]
-    await coordinator.sync_discovery()
-    if node_id not in coordinator.nodes:
+    if not await _coordinator(request).accept_unregistration(node_id):
         raise HTTPException(404, f"Node '{node_id}' not registered")
-    if coordinator.discovery is not None:
-        await coordinator.discovery.unregister(node_id)
-    coordinator.unregister_node(node_id)
     return JSONResponse({"status": "unregistered", "node_id": node_id})
 
 
@@ -168,6 +159,32 @@ async def _node_unreachable(request: Request, exc: Exception) -> Response:
     return error_response(status, str(exc))
 
 
+# The coordinator's own refusals, as the status each one answers with.
+_REFUSALS: dict[type[Exception], int] = {
+    NodeConflictError: 409,
+    ClusterFullError: 503,
+    DiscoveryUnavailableError: 503,
+}
+
+
+async def _refusal(request: Request, exc: Exception) -> Response:
+    return error_response(_REFUSALS[type(exc)], str(exc))
+
+
+def _scope_rule(node_token_set: bool) -> Callable[[str, str], Scopes]:
+    """Registering, heartbeating and unregistering are a node's acts: with a node token set, only it may."""
+    registration: Scopes = frozenset({NODE}) if node_token_set else ONLY_CONTROL
+
+    def scopes_for(method: str, path: str) -> Scopes:
+        if method == "POST" and (path == "/cluster/nodes" or path.endswith("/heartbeat")):
+            return registration
+        if method == "DELETE" and path.startswith("/cluster/nodes/"):
+            return registration
+        return ONLY_CONTROL
+
+    return scopes_for
+
+
 def create_coordinator_app(
     coordinator: RuntimeCoordinator,
     *,
@@ -178,22 +195,30 @@ def create_coordinator_app(
 ) -> Starlette:
     """Serve a coordinator over HTTP (SPEC 8.2).
 
-    Routes are protected exactly like a node's: `/health`, `/livez` and `/readyz` are open, everything else
-    needs the bearer token when one is set, and without a token only loopback Host/Origin are accepted.
+    Routes are protected like a node's: `/health`, `/livez` and `/readyz` are open, everything else needs
+    the bearer token when one is set, and without a token only loopback peers are served. Registering,
+    heartbeating and unregistering (`POST /cluster/nodes`, `POST /cluster/nodes/{id}/heartbeat`,
+    `DELETE /cluster/nodes/{id}`) are a node's acts: when the coordinator has a node token
+    (`RuntimeCoordinator(auth_token=...)`, the token it sends to nodes), they need that token and no other,
+    so an operator token cannot make the coordinator send the node token anywhere.
     The app does not run the coordinator's health monitor: enter `async with coordinator:` in the host's
     lifespan (or use `promptise-asgi coordinator`).
 
     Args:
         coordinator: the coordinator to serve.
-        auth_token: the token (or tokens) clients and nodes must send to this app.
-        allow_unauthenticated: with no token, drop the loopback guard.
-        trusted_hosts: host names accepted besides loopback by that guard.
+        auth_token: the operator's token (or tokens) for every other route.
+        allow_unauthenticated: with no token, serve any peer (drop the loopback guard).
+        trusted_hosts: `Host`/`Origin` names accepted besides loopback by that guard.
         max_body_bytes: the largest request body accepted.
 
     Raises:
         ValueError: a blank token.
     """
-    tokens = normalize_tokens(auth_token)
+    tokens: dict[bytes, Scopes] = {token: ONLY_CONTROL for token in normalize_tokens(auth_token)}
+    node_token = coordinator.node_token
+    if node_token is not None:
+        key = node_token.encode()
+        tokens[key] = tokens.get(key, frozenset()) | {NODE}
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/livez", livez, methods=["GET"]),
@@ -211,9 +236,16 @@ def create_coordinator_app(
     handlers = exception_handlers()
     handlers[NodeError] = _node_error
     handlers[NodeUnreachableError] = _node_unreachable
-    options = guard_options(tokens, allow_unauthenticated=allow_unauthenticated, trusted_hosts=trusted_hosts)
-    guard = Middleware(NodeGuard, **options)
-    app = Starlette(routes=routes, middleware=[guard], exception_handlers=handlers)
+    for refusal in _REFUSALS:
+        handlers[refusal] = _refusal
+    guard = RequestGuard(
+        tokens=tokens,
+        trusted_hosts=trusted_hosts,
+        allow_unauthenticated=allow_unauthenticated,
+        scopes_for=_scope_rule(node_token is not None),
+        what="coordinator",
+    )
+    app = Starlette(routes=routes, middleware=[Middleware(guard.protect)], exception_handlers=handlers)
     app.router.redirect_slashes = False
     app.state.coordinator = coordinator
     app.state.max_body_bytes = max_body_bytes

@@ -9,10 +9,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "ClusterFullError",
     "ConfigError",
+    "DiscoveryUnavailableError",
     "EtcdError",
     "EtcdUnavailableError",
+    "MetadataTooLargeError",
+    "NodeConflictError",
     "NodeError",
+    "NodeResponseTooLargeError",
     "NodeTimeoutError",
     "NodeUnreachableError",
     "PromptiseASGIError",
@@ -79,6 +84,70 @@ class NodeTimeoutError(NodeUnreachableError):
     def __init__(self, url: str, reason: str = "") -> None:
         PromptiseASGIError.__init__(self, f"node timed out at {url}" + (f" ({reason})" if reason else ""))
         self.url = url
+        self.reason = reason
+
+
+class NodeResponseTooLargeError(NodeUnreachableError):
+    """The node's answer was larger than the client's `max_response_bytes`; the rest was not read.
+
+    A subclass of `NodeUnreachableError`: no usable answer came back (a coordinator answers 502).
+
+    Attributes:
+        limit: the byte limit that was passed.
+    """
+
+    def __init__(self, url: str, limit: int) -> None:
+        PromptiseASGIError.__init__(self, f"response too large: the node at {url} answered more than {limit} bytes")
+        self.url = url
+        self.reason = f"response too large (over {limit} bytes)"
+        self.limit = limit
+
+
+class NodeConflictError(PromptiseASGIError):
+    """A registration would displace a node that is registered, and alive, at another URL.
+
+    Attributes:
+        node_id: the node id asked for.
+    """
+
+    def __init__(self, node_id: str) -> None:
+        super().__init__(f"Node '{node_id}' is registered at another URL")
+        self.node_id = node_id
+
+
+class MetadataTooLargeError(PromptiseASGIError, ValueError):
+    """A node's registration metadata is larger, serialized as JSON, than the coordinator accepts.
+
+    Attributes:
+        limit: the byte limit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"metadata larger than {limit} bytes (serialized as JSON)")
+        self.limit = limit
+
+
+class ClusterFullError(PromptiseASGIError):
+    """The coordinator already holds `max_nodes` nodes and refuses a new one.
+
+    Attributes:
+        max_nodes: the cap.
+    """
+
+    def __init__(self, max_nodes: int) -> None:
+        super().__init__(f"cluster full: the coordinator holds its maximum of {max_nodes} nodes")
+        self.max_nodes = max_nodes
+
+
+class DiscoveryUnavailableError(PromptiseASGIError):
+    """The discovery backend failed or did not answer in time; nothing was changed there.
+
+    Attributes:
+        reason: what the backend did.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"discovery unavailable: {reason}")
         self.reason = reason
 
 

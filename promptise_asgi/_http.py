@@ -1,7 +1,8 @@
 """HTTP plumbing shared by the node app and the coordinator app.
 
 The JSON response class, the one place where exceptions become `{"error": ...}` answers, bounded body
-reading, and the request guard (bearer tokens, loopback Host/Origin checks). Knows Starlette, not the runtime.
+reading, and the request guard (bearer tokens and their scopes; without a token, loopback peers only).
+Knows Starlette, not the runtime.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,14 +23,17 @@ from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
 from ._validation import clean_token
 
 __all__ = [
+    "CONTROL",
+    "NODE",
+    "ONLY_CONTROL",
     "PROBE_PATHS",
     "EventBody",
     "JSONResponse",
-    "NodeGuard",
+    "RequestGuard",
+    "Scopes",
     "dumps",
     "error_response",
     "exception_handlers",
-    "guard_options",
     "is_loopback_host",
     "normalize_tokens",
     "parse_event_body",
@@ -165,18 +169,16 @@ def _text_field(body: dict[str, Any], key: str) -> str:
 
 PROBE_PATHS = ("/health", "/livez", "/readyz")
 
+# What a token may do. A token maps to one or more scopes; a route accepts some of them.
+CONTROL = "control"  # the operator's token: every route of the app
+NODE = "node"  # the token a coordinator shares with its nodes: registering, heartbeating, unregistering
+Scopes = frozenset[str]
+ONLY_CONTROL: Scopes = frozenset({CONTROL})
+ScopeRule = Callable[[str, str], Scopes]
 
-def guard_options(
-    tokens: tuple[bytes, ...], *, allow_unauthenticated: bool, trusted_hosts: Collection[str]
-) -> dict[str, Any]:
-    """The one rule both apps' guards follow: probes open, tokens if any, else the loopback guard unless
-    the user opted out explicitly."""
-    return {
-        "tokens": tokens,
-        "open_paths": PROBE_PATHS,
-        "trusted_hosts": trusted_hosts,
-        "enabled": bool(tokens) or not allow_unauthenticated,
-    }
+# Longest Host/Origin/peer value whose verdict is remembered: a guard must not be a place to park memory.
+_MAX_CACHED_VALUE = 256
+_MAX_CACHED_VERDICTS = 1024
 
 
 def normalize_tokens(auth_token: str | Sequence[str] | None) -> tuple[bytes, ...]:
@@ -197,14 +199,17 @@ def normalize_tokens(auth_token: str | Sequence[str] | None) -> tuple[bytes, ...
 
 
 def is_loopback_host(host: str) -> bool:
-    """True for `localhost`, 127.0.0.0/8 and ::1 (with or without brackets)."""
+    """True for `localhost`, 127.0.0.0/8 and ::1 (with or without brackets), and IPv4-mapped loopback."""
     host = host.strip().lower().strip("[]")
     if host in _LOOPBACK_NAMES:
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def _host_of_header(value: str) -> str:
@@ -221,85 +226,153 @@ def _host_of_origin(origin: str) -> str | None:
     return _host_of_header(rest.split("/", 1)[0])
 
 
-class NodeGuard:
-    """Pure ASGI middleware: bearer-token auth, or loopback Host/Origin checks when there is no token.
+class _Verdicts:
+    """Remembered yes/no answers about short header values, bounded in count and in size of what is kept."""
 
-    With tokens, every path except `open_paths` needs `Authorization: Bearer <token>` (scheme
-    case-insensitive, constant-time compare against every token). Without tokens, unless `enabled` is
-    False, a non-loopback `Host` gets 421 and a non-loopback `Origin` (including `null`) gets 403, so a web
-    page cannot drive a local node (DNS rebinding and cross-site requests).
+    __slots__ = ("_answers", "_decide")
+
+    def __init__(self, decide: Callable[[str], bool]) -> None:
+        self._decide = decide
+        self._answers: dict[str, bool] = {}
+
+    def __call__(self, value: str) -> bool:
+        allowed = self._answers.get(value)
+        if allowed is None:
+            allowed = self._decide(value)
+            if len(value) <= _MAX_CACHED_VALUE:
+                if len(self._answers) >= _MAX_CACHED_VERDICTS:
+                    self._answers.clear()
+                self._answers[value] = allowed
+        return allowed
+
+    def __len__(self) -> int:
+        return len(self._answers)
+
+    def longest(self) -> int:
+        """The length of the longest value remembered (0 when empty)."""
+        return max(map(len, self._answers), default=0)
+
+
+class RequestGuard:
+    """Who may call which route of a node or coordinator app; `protect(app)` puts an ASGI app behind it.
+
+    - The probes (`open_paths`) are open to anyone.
+    - A route that some configured token could authorize needs `Authorization: Bearer <token>` (scheme
+      case-insensitive, constant-time compare against every token): 401 without a valid one, 403 when the
+      token is valid but its scope does not cover the route (`scopes_for(method, path)` names the scopes a
+      route accepts; by default every route accepts the `control` scope, which every plain token has).
+    - A route no configured token covers is served only to the machine itself, unless the user opted out
+      with `allow_unauthenticated`: a peer (`scope["client"]`) that is not loopback gets 403 whatever its
+      `Host` says, a non-loopback `Host` gets 421 and a non-loopback `Origin` (including `null`) gets 403,
+      so neither the network nor a web page in a local browser can drive it.
+
+    Args:
+        tokens: token -> the scopes it grants (a plain sequence of tokens grants `control`).
+        open_paths: paths served to anyone (the probes).
+        trusted_hosts: `Host`/`Origin` names accepted besides loopback (a local reverse proxy's name).
+        allow_unauthenticated: serve routes no token covers to any peer.
+        scopes_for: the scopes a `(method, path)` accepts.
+        what: how refusals name the protected thing ("node", "coordinator").
     """
 
     def __init__(
         self,
-        app: ASGIApp | None,
         *,
-        tokens: Iterable[bytes] = (),
-        open_paths: Collection[str] = (),
+        tokens: Mapping[bytes, Collection[str]] | Iterable[bytes] = (),
+        open_paths: Collection[str] = PROBE_PATHS,
         trusted_hosts: Collection[str] = (),
-        enabled: bool = True,
+        allow_unauthenticated: bool = False,
+        scopes_for: ScopeRule | None = None,
+        what: str = "node",
     ) -> None:
-        self.app = app
-        self.tokens = tuple(tokens)
+        granted = tokens.items() if isinstance(tokens, Mapping) else ((token, ONLY_CONTROL) for token in tokens)
+        self.tokens: tuple[tuple[bytes, Scopes], ...] = tuple((token, frozenset(s)) for token, s in granted)
+        self._configured: Scopes = frozenset().union(*(scopes for _, scopes in self.tokens))
         self.open_paths = frozenset(open_paths)
         self.trusted_hosts = frozenset(h.lower() for h in trusted_hosts)
-        self.enabled = enabled
-        self._verdicts: dict[tuple[bytes, bool], bool] = {}
+        self.allow_unauthenticated = allow_unauthenticated
+        self._scopes_for = scopes_for
+        self._remote_refused = f"Remote request refused: this {what} has no token"
+        self._local_peer = _Verdicts(_is_local_peer)
+        self._host_allowed = _Verdicts(lambda value: self._allowed_name(_host_of_header(value)))
+        self._origin_allowed = _Verdicts(lambda value: self._allowed_name(_host_of_origin(value)))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        assert self.app is not None, "a NodeGuard built without an app only checks requests"
-        refusal = self.refusal(scope) if scope["type"] == "http" else None
-        if refusal is None:
-            await self.app(scope, receive, send)
-        else:
-            await refusal(scope, receive, send)
+    def protect(self, app: ASGIApp) -> ASGIApp:
+        """Return `app` behind this guard (for `Middleware(guard.protect)`: one guard, one set of verdicts)."""
+
+        async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+            refusal = self.refusal(scope) if scope["type"] == "http" else None
+            if refusal is None:
+                await app(scope, receive, send)
+            else:
+                await refusal(scope, receive, send)
+
+        return guarded
 
     def refusal(self, scope: Scope) -> Response | None:
         """Return the answer refusing this HTTP request, or None when it may proceed."""
-        if not self.enabled:
+        path = _route_path(scope)
+        if path in self.open_paths:
             return None
-        if self.tokens:
-            if _route_path(scope) in self.open_paths or self._authorized(scope):
+        accepted = ONLY_CONTROL if self._scopes_for is None else self._scopes_for(scope["method"], path)
+        if accepted & self._configured:
+            presented = self._presented_scopes(scope)
+            if not presented:
+                return error_response(401, "Unauthorized", {"WWW-Authenticate": "Bearer"})
+            if presented & accepted:
                 return None
-            return error_response(401, "Unauthorized", {"WWW-Authenticate": "Bearer"})
+            return error_response(403, _forbidden_message(presented, accepted))
+        if self.allow_unauthenticated:
+            return None
+        return self._local_only(scope)
+
+    def _local_only(self, scope: Scope) -> Response | None:
+        client = scope.get("client")
+        if client is not None and not self._local_peer(str(client[0])):
+            return error_response(403, self._remote_refused)
         host = origin = None
         for key, value in scope["headers"]:
             if key == b"host":
                 host = value
             elif key == b"origin":
                 origin = value
-        if host is not None and not self._allowed(host, origin=False):
+        if host is not None and not self._host_allowed(host.decode("latin-1")):
             return error_response(421, "Misdirected request")
-        if origin is not None and not self._allowed(origin, origin=True):
+        if origin is not None and not self._origin_allowed(origin.decode("latin-1")):
             return error_response(403, "Cross-origin request refused")
         return None
 
-    def _allowed(self, value: bytes, *, origin: bool) -> bool:
-        # Every request asks this about the same few Host/Origin values: remember the answers (bounded).
-        key = (value, origin)
-        allowed = self._verdicts.get(key)
-        if allowed is None:
-            text = value.decode("latin-1")
-            host = _host_of_origin(text) if origin else _host_of_header(text)
-            allowed = host is not None and (is_loopback_host(host) or host.lower() in self.trusted_hosts)
-            if len(self._verdicts) >= 1024:
-                self._verdicts.clear()
-            self._verdicts[key] = allowed
-        return allowed
+    def _allowed_name(self, host: str | None) -> bool:
+        return host is not None and (is_loopback_host(host) or host.lower() in self.trusted_hosts)
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _presented_scopes(self, scope: Scope) -> Scopes:
         for key, value in scope["headers"]:
             if key == b"authorization":
                 scheme, _, credentials = value.partition(b" ")
                 if scheme.lower() != b"bearer":
-                    return False
+                    return frozenset()
                 presented = credentials.strip()
                 # Compare against every token so timing does not reveal which one (or whether any) matched.
-                matched = False
-                for token in self.tokens:
-                    matched |= hmac.compare_digest(presented, token)
-                return matched
-        return False
+                granted: Scopes = frozenset()
+                for token, scopes in self.tokens:
+                    if hmac.compare_digest(presented, token):
+                        granted |= scopes
+                return granted
+        return frozenset()
+
+
+def _is_local_peer(address: str) -> bool:
+    # "testclient" is what Starlette's TestClient reports: an in-process call, never a network peer (servers
+    # always report an IP address).
+    return address == "testclient" or is_loopback_host(address)
+
+
+def _forbidden_message(presented: Scopes, accepted: Scopes) -> str:
+    if accepted == {NODE}:
+        return "Forbidden: registering nodes needs the node token"
+    if presented == {NODE}:
+        return "Forbidden: the node token only registers nodes"
+    return "Forbidden: this token does not allow this request"
 
 
 def _route_path(scope: Scope) -> str:

@@ -24,11 +24,10 @@ from starlette.types import Receive, Scope, Send
 from . import _promptise_compat as compat
 from ._http import (
     JSONResponse,
-    NodeGuard,
+    RequestGuard,
     dumps,
     error_response,
     exception_handlers,
-    guard_options,
     normalize_tokens,
     parse_event_body,
     read_json_object,
@@ -206,7 +205,7 @@ class TransportApp(Starlette):
     takes the full Starlette path.
     """
 
-    def __init__(self, *, node: _Node, guard: NodeGuard, **kwargs: Any) -> None:
+    def __init__(self, *, node: _Node, guard: RequestGuard, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.node = node
         self.state.node = node
@@ -285,9 +284,11 @@ def create_transport_app(
         node_id: the id this node reports.
         auth_token: a bearer token, or several (rotation). Every route but `/health`, `/livez` and `/readyz`
             then needs `Authorization: Bearer <token>`.
-        allow_unauthenticated: with no token, skip the loopback Host/Origin guard (for a node behind an
-            authenticating proxy or on a private network). Off by default.
-        trusted_hosts: host names accepted besides loopback by the guard that runs when there is no token.
+        allow_unauthenticated: with no token, serve any peer: skip the guard that otherwise refuses a
+            non-loopback client (403), `Host` (421) and `Origin` (403). For a node behind an authenticating
+            proxy or on a private network. Off by default.
+        trusted_hosts: `Host`/`Origin` names accepted besides loopback when there is no token (the name a
+            local reverse proxy forwards); they do not admit remote peers.
         max_body_bytes: the largest event body accepted (413 past it, refused while streaming).
         retry_after: seconds sent in `Retry-After` when a process queue is full.
         manage_runtime: start the runtime when the app's lifespan starts and stop it at shutdown. Leave it
@@ -316,12 +317,12 @@ def create_transport_app(
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    options = guard_options(tokens, allow_unauthenticated=allow_unauthenticated, trusted_hosts=trusted_hosts)
+    guard = RequestGuard(tokens=tokens, trusted_hosts=trusted_hosts, allow_unauthenticated=allow_unauthenticated)
     app = TransportApp(
         node=_Node(runtime, node_id, max_body_bytes, retry_after, secured=bool(tokens)),
-        guard=NodeGuard(None, **options),
+        guard=guard,
         routes=routes,
-        middleware=[Middleware(NodeGuard, **options)],
+        middleware=[Middleware(guard.protect)],
         exception_handlers=exception_handlers(),
         lifespan=node_lifespan if manage_runtime else None,
     )

@@ -1,17 +1,34 @@
 """Boundary validation shared by discovery, the coordinator and its HTTP app.
 
-Pure functions: no I/O, no knowledge of Starlette or httpx.
+Pure functions (and `NodeAddressRules`, whose one async method only resolves names): no knowledge of Starlette
+or httpx.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import math
 import re
-from collections.abc import Mapping
+import socket
+from collections.abc import Iterable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
-__all__ = ["NODE_ID_PATTERN", "clean_token", "normalize_url", "validate_metadata", "validate_node_id"]
+import anyio
+
+from ._errors import MetadataTooLargeError
+
+__all__ = [
+    "NODE_ID_PATTERN",
+    "NodeAddressRules",
+    "clean_token",
+    "metadata_size",
+    "normalize_url",
+    "positive_number",
+    "validate_metadata",
+    "validate_node_id",
+]
 
 NODE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _NODE_ID_RE = re.compile(NODE_ID_PATTERN)
@@ -25,12 +42,18 @@ def validate_node_id(node_id: object) -> str:
 
 
 def normalize_url(url: object) -> str:
-    """Return an http(s) URL with trailing slashes stripped, else raise `ValueError`."""
+    """Return an http(s) URL with a host and a valid port, trailing slashes stripped, else raise `ValueError`."""
     if not isinstance(url, str):
         raise ValueError("url must be an http(s) URL")
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("url must be an http(s) URL")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("url must be an http(s) URL with a port between 1 and 65535")
     return url.strip().rstrip("/")
 
 
@@ -61,3 +84,121 @@ def clean_token(token: object) -> str:
     if not cleaned or not cleaned.isascii() or not cleaned.isprintable() or any(c.isspace() for c in cleaned):
         raise ValueError("auth_token must be a non-empty string of printable ASCII characters without spaces")
     return cleaned
+
+
+def positive_number(name: str, value: object) -> float:
+    """Return `value` as a float if it is a finite number > 0 (a bool is not a number), else raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def metadata_size(metadata: Mapping[str, Any], limit: int) -> int:
+    """Return the size of `metadata` serialized as compact JSON.
+
+    Raises:
+        MetadataTooLargeError: it is larger than `limit` bytes.
+    """
+    size = len(json.dumps(metadata, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > limit:
+        raise MetadataTooLargeError(limit)
+    return size
+
+
+# Never called, whatever a registration says: link-local space holds the cloud metadata services (AWS, GCP and
+# Azure answer credentials at 169.254.169.254; AWS also at fd00:ec2::254), and a wildcard address means "this
+# machine" to a connecting socket.
+_FORBIDDEN_NETWORKS = tuple(
+    ipaddress.ip_network(n) for n in ("169.254.0.0/16", "fe80::/10", "fd00:ec2::254/128", "0.0.0.0/32", "::/128")
+)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class NodeAddressRules:
+    """Which node URLs a coordinator agrees to call (SPEC 18).
+
+    `http`/`https` with a host and a valid port, no user info, query or fragment; never a link-local or cloud
+    metadata address; and, when `networks` is given, only addresses inside those networks.
+
+    Args:
+        networks: CIDR strings (`"10.0.0.0/8"`, `"fd00::/8"`); empty allows every address but the forbidden ones.
+
+    Raises:
+        ValueError: a network is not a valid CIDR.
+    """
+
+    def __init__(self, networks: Iterable[str] = ()) -> None:
+        parsed: list[IPNetwork] = []
+        for network in networks:
+            try:
+                parsed.append(ipaddress.ip_network(str(network).strip(), strict=False))
+            except ValueError:
+                raise ValueError(f"node network {network!r} is not a CIDR like 10.0.0.0/8") from None
+        self.networks = tuple(parsed)
+
+    def check_url(self, url: object) -> str:
+        """Return the node URL normalised (trailing slashes stripped), or raise ValueError naming the problem.
+
+        A literal IP address is checked here; a host name is checked by `check_resolved`.
+        """
+        parts = _node_url_parts(url)
+        address = _literal_address(parts.hostname or "")
+        if address is not None:
+            self.check_address(address)
+        return parts.geturl().rstrip("/")
+
+    def check_address(self, address: IPAddress) -> None:
+        """Raise ValueError when the coordinator must not call `address`."""
+        mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
+        address = mapped or address
+        if any(address in network for network in _FORBIDDEN_NETWORKS):
+            raise ValueError(f"url host {address} is a link-local, metadata or wildcard address, which is never called")
+        if self.networks and not any(address in network for network in self.networks):
+            allowed = ", ".join(str(n) for n in self.networks)
+            raise ValueError(f"url host {address} is outside the allowed node networks ({allowed})")
+
+    async def check_resolved(self, url: str) -> None:
+        """Resolve a host name and check every address it has (a literal address needs nothing more).
+
+        Raises:
+            ValueError: the name does not resolve, or one of its addresses is refused.
+        """
+        host = urlsplit(url).hostname or ""
+        if _literal_address(host) is not None:
+            return
+        try:
+            infos = await anyio.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ValueError(f"url host {host!r} does not resolve: {exc.strerror or exc}") from None
+        for info in infos:
+            self.check_address(ipaddress.ip_address(str(info[4][0]).partition("%")[0]))
+
+
+def _node_url_parts(url: object) -> SplitResult:
+    if not isinstance(url, str):
+        raise ValueError("url must be an http(s) URL")
+    text = url.strip()
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"url must be an http(s) URL with a host, got {shown!r}")
+    if "@" in parts.netloc:
+        raise ValueError("url must not contain user info (user:password@)")
+    if parts.query or parts.fragment or "?" in text or "#" in text:
+        raise ValueError("url must not have a query or a fragment")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(f"url has an invalid port (1-65535): {shown!r}")
+    return parts
+
+
+def _literal_address(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None

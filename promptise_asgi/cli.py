@@ -61,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     coordinator.add_argument(
         "--allow-unauthenticated", action="store_true", help="bind a non-loopback host without PROMPTISE_AUTH_TOKEN"
     )
+    coordinator.add_argument(
+        "--node-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="only call nodes whose address is in this network (repeatable; default: any but link-local)",
+    )
     coordinator.set_defaults(run=_run_coordinator)
 
     status = commands.add_parser("status", help="print the cluster as a table")
@@ -135,7 +142,8 @@ async def _run_node(args: argparse.Namespace) -> None:
         settings.port,
         settings.node_id,
         auth_token=settings.auth_token,
-        allow_unauthenticated=args.allow_unauthenticated,
+        allow_unauthenticated=args.allow_unauthenticated or settings.allow_unauthenticated,
+        trusted_hosts=settings.trusted_hosts,
         server=settings.server,  # type: ignore[arg-type]
         discovery=discovery,
         advertise_url=settings.advertise_url,
@@ -154,6 +162,11 @@ async def _run_node(args: argparse.Namespace) -> None:
 
 def _coordinator_token() -> str | None:
     return os.environ.get("PROMPTISE_AUTH_TOKEN") or None
+
+
+def _node_token() -> str | None:
+    """The token the coordinator sends to nodes and requires from them to register (default: the operator's)."""
+    return os.environ.get("PROMPTISE_NODE_TOKEN") or _coordinator_token()
 
 
 async def _run_coordinator(args: argparse.Namespace) -> None:
@@ -181,7 +194,8 @@ async def _run_coordinator(args: argparse.Namespace) -> None:
         discovery=discovery,
         health_check_interval=args.health_check_interval,
         node_timeout=args.node_timeout,
-        auth_token=token,
+        auth_token=_node_token(),
+        node_networks=args.node_network,
     )
     app = create_coordinator_app(coordinator, auth_token=token, allow_unauthenticated=args.allow_unauthenticated)
     server = AppServer(app, args.host, args.port, name="coordinator")

@@ -7,7 +7,9 @@ URL layout and nothing of the runtime, the transport app, Starlette or discovery
 
 from __future__ import annotations
 
+import contextlib
 import math
+from json import loads as json_loads
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -15,10 +17,10 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import anyio
 import httpx
 
-from promptise_asgi._errors import NodeError, NodeTimeoutError, NodeUnreachableError
+from promptise_asgi._errors import NodeError, NodeResponseTooLargeError, NodeTimeoutError, NodeUnreachableError
 from promptise_asgi._validation import clean_token, normalize_url
 
-__all__ = ["NodeClient", "NodeError", "NodeTimeoutError", "NodeUnreachableError"]
+__all__ = ["NodeClient", "NodeError", "NodeResponseTooLargeError", "NodeTimeoutError", "NodeUnreachableError"]
 
 # An error page can be large (an HTML 502 from a proxy); keep exception messages readable.
 _MAX_MESSAGE_CHARS = 500
@@ -66,15 +68,16 @@ def _segment(name: str) -> str:
     return segment
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(response: httpx.Response, content: bytes) -> str:
     try:
-        body = response.json()
+        body = json_loads(content)
     except ValueError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), str):
         message: str = body["error"]
     else:
-        message = response.text.strip() or response.reason_phrase or "no message"
+        message = content.decode(response.encoding or "utf-8", "replace").strip() or response.reason_phrase
+        message = message or "no message"
     if len(message) > _MAX_MESSAGE_CHARS:
         message = message[:_MAX_MESSAGE_CHARS] + "..."
     return message
@@ -99,9 +102,11 @@ class NodeClient:
         auth_token: the node's bearer token, or None for an unauthenticated node.
         timeout: seconds a call may take before `NodeTimeoutError` (finite, > 0).
         transport: a custom httpx transport, e.g. `httpx.ASGITransport(app)` to talk to an app in-process.
+        max_response_bytes: the largest answer read (decoded); a larger one raises `NodeResponseTooLargeError`
+            without being read whole. None (the default) reads any size.
 
     Raises:
-        ValueError: the URL, token or timeout is invalid.
+        ValueError: the URL, token, timeout or size limit is invalid.
     """
 
     __slots__ = (
@@ -111,6 +116,7 @@ class NodeClient:
         "_has_token",
         "_headers",
         "_httpx_timeout",
+        "_max_response_bytes",
         "_owns_client",
         "_timeout",
     )
@@ -122,9 +128,10 @@ class NodeClient:
         auth_token: str | None = None,
         timeout: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        max_response_bytes: int | None = None,
     ) -> None:
         headers = _check_token(auth_token)
-        self._setup(url, timeout, bool(headers))
+        self._setup(url, timeout, bool(headers), max_response_bytes)
         # An owned pool carries the token itself, so requests need no per-call header merge.
         self._client = httpx.AsyncClient(transport=transport, timeout=self._httpx_timeout, headers=headers)
         self._headers: dict[str, str] | None = None
@@ -138,6 +145,7 @@ class NodeClient:
         *,
         auth_token: str | None = None,
         timeout: float = 5.0,
+        max_response_bytes: int | None = None,
     ) -> NodeClient:
         """Build a client for one node on top of a shared `httpx.AsyncClient` (one pool for many nodes).
 
@@ -151,22 +159,28 @@ class NodeClient:
             url: the node's http(s) base URL.
             auth_token: the node's bearer token, sent on each request, or None.
             timeout: seconds a call may take before `NodeTimeoutError`.
+            max_response_bytes: the largest answer read, or None for any size.
 
         Returns:
             A `NodeClient` that does not own `client`.
 
         Raises:
-            ValueError: the URL, token or timeout is invalid.
+            ValueError: the URL, token, timeout or size limit is invalid.
         """
         self = cls.__new__(cls)
         headers = _check_token(auth_token)
-        self._setup(url, timeout, bool(headers))
+        self._setup(url, timeout, bool(headers), max_response_bytes)
         self._client = client
         self._headers = headers or None
         self._owns_client = False
         return self
 
-    def _setup(self, url: str, timeout: float, has_token: bool) -> None:
+    def _setup(self, url: str, timeout: float, has_token: bool, max_response_bytes: int | None) -> None:
+        if max_response_bytes is not None and (
+            isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int) or max_response_bytes < 1
+        ):
+            raise ValueError(f"max_response_bytes must be an integer >= 1 or None, got {max_response_bytes!r}")
+        self._max_response_bytes = max_response_bytes
         self._has_token = has_token
         self._base = _check_base_url(url)
         self._display = _redacted(self._base)
@@ -217,26 +231,53 @@ class NodeClient:
         if not path.startswith("/"):
             path = "/" + path
         shown = self._display + path
-        response: httpx.Response | None = None
+        answer: tuple[httpx.Response, bytes] | None = None
         try:
             with anyio.move_on_after(self._timeout):
-                response = await self._client.request(
-                    method, self._base + path, json=json, headers=self._headers, timeout=self._httpx_timeout
-                )
+                answer = await self._fetch(method, self._base + path, json, shown)
         except httpx.TimeoutException as exc:
             raise NodeTimeoutError(shown, _reason(exc)) from exc
         except httpx.RequestError as exc:
             raise NodeUnreachableError(shown, _reason(exc)) from exc
-        if response is None:
+        if answer is None:
             raise NodeTimeoutError(shown, f"no complete answer within {self._timeout}s")
+        response, content = answer
         if not response.is_success:
-            raise NodeError(response.status_code, _error_message(response), shown)
-        if not response.content:
+            raise NodeError(response.status_code, _error_message(response, content), shown)
+        if not content:
             return response.status_code, None, shown
         try:
-            return response.status_code, response.json(), shown
+            return response.status_code, json_loads(content), shown
         except ValueError:
             raise NodeError(response.status_code, "the node's answer is not valid JSON", shown) from None
+
+    async def _fetch(self, method: str, url: str, body: Any, shown: str) -> tuple[httpx.Response, bytes]:
+        limit = self._max_response_bytes
+        request = self._client.build_request(method, url, json=body, headers=self._headers, timeout=self._httpx_timeout)
+        response = await self._client.send(request, stream=True)
+        chunks: list[bytes] = []
+        try:
+            declared = response.headers.get("content-length", "")
+            if limit is not None and declared.isdigit() and int(declared) > limit:
+                raise NodeResponseTooLargeError(shown, limit)
+            size = 0
+            body_chunks = response.aiter_bytes()
+            async for chunk in body_chunks:
+                size += len(chunk)
+                if limit is not None and size > limit:  # counted after decoding: a compressed bomb stops here too
+                    break
+                chunks.append(chunk)
+            else:
+                return response, b"".join(chunks)
+            # Hang up, then let httpx's chain of body generators run into the closed connection and end: on
+            # trio, generators left half-read are reported when garbage collected.
+            await response.aclose()
+            with contextlib.suppress(Exception):
+                async for _ in body_chunks:
+                    pass
+            raise NodeResponseTooLargeError(shown, limit)
+        finally:
+            await response.aclose()
 
     async def _object(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
         status_code, result, shown = await self._exchange(method, path, json)

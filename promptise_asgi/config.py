@@ -1,7 +1,8 @@
 """Node configuration: the TOML file, the environment, and the built-in demo.
 
 Settings resolve as command-line flag, then environment (`PROMPTISE_NODE_ID`, `PROMPTISE_AUTH_TOKEN`,
-`PROMPTISE_COORDINATOR_URL`, `PROMPTISE_ADVERTISE_URL`), then the file. Every problem is one `ConfigError`
+`PROMPTISE_COORDINATOR_URL`, `PROMPTISE_ADVERTISE_URL`, `PROMPTISE_ALLOW_UNAUTHENTICATED`,
+`PROMPTISE_TRUSTED_HOSTS`), then the file. Every problem is one `ConfigError`
 whose message names the file, the process and the field. Builds runtimes; knows nothing of HTTP servers.
 """
 
@@ -38,6 +39,8 @@ _NODE_KEYS: dict[str, type | tuple[type, ...]] = {
     "heartbeat_interval": (int, float),
     "etcd": (str, list),
     "max_body_bytes": int,
+    "allow_unauthenticated": bool,
+    "trusted_hosts": (str, list),
 }
 _PROCESS_KEYS = {"name", "handler", "instructions", "model", "concurrency", "max_queue", "drain_timeout", "triggers"}
 _TRIGGER_KEYS = {"type", "cron_expression", "interval_seconds"}
@@ -66,6 +69,8 @@ class NodeSettings:
         heartbeat_interval: seconds between registration heartbeats (None: the backend's default).
         etcd: etcd endpoints to register in (instead of a coordinator).
         max_body_bytes: the largest event body accepted.
+        allow_unauthenticated: with no token, serve any peer (the loopback-only guard is off).
+        trusted_hosts: `Host`/`Origin` names accepted besides loopback when there is no token.
         processes: the processes to run.
         source: where this came from ("demo" or the file path), for messages.
     """
@@ -80,6 +85,8 @@ class NodeSettings:
     heartbeat_interval: float | None = None
     etcd: list[str] = field(default_factory=list)
     max_body_bytes: int = 1024 * 1024
+    allow_unauthenticated: bool = False
+    trusted_hosts: list[str] = field(default_factory=list)
     processes: list[ProcessSpec] = field(default_factory=list)
     source: str = "demo"
 
@@ -121,7 +128,7 @@ def _parse(data: Mapping[str, Any], source: str) -> NodeSettings:
         expected = _NODE_KEYS.get(key)
         if expected is None:
             raise ConfigError(f"{source}: [node]: unknown field {key!r}; known: {sorted(_NODE_KEYS)}")
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             raise ConfigError(f"{source}: [node]: field {key!r} has the wrong type ({type(value).__name__})")
     try:
         _apply_node(settings, node)
@@ -158,6 +165,10 @@ def _apply_node(settings: NodeSettings, node: Mapping[str, Any]) -> None:
         if node["max_body_bytes"] < 1:
             raise ValueError("field 'max_body_bytes' must be >= 1")
         settings.max_body_bytes = node["max_body_bytes"]
+    if "allow_unauthenticated" in node:
+        settings.allow_unauthenticated = node["allow_unauthenticated"]
+    if "trusted_hosts" in node:
+        settings.trusted_hosts = _split_names(node["trusted_hosts"])
     _check_common(settings)
 
 
@@ -200,6 +211,31 @@ def _split_endpoints(value: str | list[Any]) -> list[str]:
         except ValueError:
             raise ValueError(f"field 'etcd' must list http(s) URLs, not {item!r}") from None
     return endpoints
+
+
+def _split_names(value: str | list[Any]) -> list[str]:
+    items = value.split(",") if isinstance(value, str) else value
+    names = []
+    for item in items:
+        if not isinstance(item, str) or not item.strip() or any(c.isspace() for c in item.strip()):
+            raise ValueError(f"field 'trusted_hosts' must list host names, not {item!r}")
+        names.append(item.strip().lower())
+    return names
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def _env_flag(env: Mapping[str, str], name: str) -> bool | None:
+    value = env.get(name)
+    if value is None:
+        return None
+    if value.strip().lower() in _TRUE:
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), not {value!r}")
 
 
 def _parse_process(entry: object, where: str) -> ProcessSpec:
@@ -275,13 +311,17 @@ def resolve_settings(
         settings = demo_settings()
     else:
         raise ConfigError("no config file: pass --config FILE or set PROMPTISE_CONFIG")
-    from_env = {
+    from_env: dict[str, Any] = {
         "node_id": env.get("PROMPTISE_NODE_ID"),
         "auth_token": env.get("PROMPTISE_AUTH_TOKEN"),
         "coordinator_url": env.get("PROMPTISE_COORDINATOR_URL"),
         "advertise_url": env.get("PROMPTISE_ADVERTISE_URL"),
+        "trusted_hosts": env.get("PROMPTISE_TRUSTED_HOSTS"),
     }
     changes: dict[str, Any] = {key: value for key, value in from_env.items() if value}
+    allow = _env_flag(env, "PROMPTISE_ALLOW_UNAUTHENTICATED")
+    if allow is not None:
+        changes["allow_unauthenticated"] = allow
     changes.update({key: value for key, value in (overrides or {}).items() if value is not None})
     if not changes:
         return settings
@@ -290,6 +330,7 @@ def resolve_settings(
         settings.node_id = _checked_node_id(settings.node_id)
         settings.port = _checked_port(settings.port)
         settings.etcd = _split_endpoints(settings.etcd)
+        settings.trusted_hosts = _split_names(settings.trusted_hosts)
         _check_common(settings)
     except ValueError as exc:
         raise ConfigError(f"{settings.source} (with environment/flags): {exc}") from None

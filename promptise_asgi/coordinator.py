@@ -9,22 +9,35 @@ in `_coordinator_app`) serves it over HTTP. Runs on asyncio and trio. Knows node
 from __future__ import annotations
 
 import logging
-import math
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import httpx
 from anyio.abc import TaskGroup
 
 from ._coordinator_app import create_coordinator_app
-from ._errors import NodeError, NodeTimeoutError, NodeUnreachableError
+from ._errors import (
+    ClusterFullError,
+    DiscoveryUnavailableError,
+    NodeConflictError,
+    NodeError,
+    NodeTimeoutError,
+    NodeUnreachableError,
+)
 from ._probe import HealthProbe
-from ._validation import clean_token, normalize_url, validate_metadata, validate_node_id
+from ._validation import (
+    NodeAddressRules,
+    clean_token,
+    metadata_size,
+    positive_number,
+    validate_metadata,
+    validate_node_id,
+)
 from .client import NodeClient
 
 __all__ = ["NodeInfo", "RuntimeCoordinator", "create_coordinator_app"]
@@ -32,9 +45,14 @@ __all__ = ["NodeInfo", "RuntimeCoordinator", "create_coordinator_app"]
 logger = logging.getLogger("promptise_asgi.coordinator")
 
 NodeStatus = Literal["unknown", "healthy", "unhealthy"]
+T = TypeVar("T")
 
 # Requests to one node rarely overlap (a health check, a control call): a few connections are plenty.
 _NODE_POOL_LIMITS = httpx.Limits(max_connections=8, max_keepalive_connections=4)
+
+DEFAULT_MAX_NODES = 100_000
+DEFAULT_MAX_METADATA_BYTES = 16 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(eq=False)
@@ -88,6 +106,30 @@ class NodeInfo:
         }
 
 
+class _BackendHealth:
+    """Whether the discovery backend answered last time, and since when it has not (for status)."""
+
+    __slots__ = ("error", "since")
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+        self.since: float | None = None
+
+    def ok(self) -> None:
+        if self.error is not None:
+            logger.warning("discovery backend answers again (it failed for %.1fs)", time.time() - (self.since or 0))
+        self.error = self.since = None
+
+    def failed(self, reason: str) -> None:
+        if self.error is None:
+            logger.warning("discovery backend unavailable, answering from the last known nodes: %s", reason)
+            self.since = time.time()
+        self.error = reason
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.error is None, "error": self.error, "since": self.since}
+
+
 class RuntimeCoordinator:
     """Tracks a cluster's nodes and steers their processes.
 
@@ -102,12 +144,20 @@ class RuntimeCoordinator:
             declared unhealthy; damps flapping on a lost packet or a slow moment.
         request_timeout: seconds any single request to a node may take; one slow node never delays the rest
             by more than this.
-        auth_token: the bearer token sent to nodes (a node registered with its own token uses that one).
+        auth_token: the bearer token sent to nodes (a node registered with its own token uses that one). The
+            coordinator app also requires it from nodes that register, heartbeat or unregister over HTTP.
         max_concurrency: the most requests in flight at once (health checks, broadcasts).
+        node_networks: CIDRs node URLs must fall in (`["10.0.0.0/8"]`); empty allows any address but
+            link-local and cloud metadata ones, which are never called.
+        max_nodes: the most nodes the table holds; a new node beyond it is refused (`ClusterFullError`).
+        max_metadata_bytes: the largest registration metadata, serialized as JSON (`MetadataTooLargeError`).
+        max_response_bytes: the largest answer read from a node (`NodeResponseTooLargeError` beyond).
+        discovery_timeout: seconds a call to the discovery backend may take before the coordinator answers
+            from its table (status) or refuses (registration, `DiscoveryUnavailableError`).
         clock: monotonic clock used for `node_timeout` (injectable for tests).
 
     Raises:
-        ValueError: a non-positive interval, timeout or concurrency, or a blank token.
+        ValueError: a non-positive interval, timeout, cap or concurrency, a bad network, or a blank token.
     """
 
     def __init__(
@@ -119,22 +169,32 @@ class RuntimeCoordinator:
         request_timeout: float = 5.0,
         auth_token: str | None = None,
         max_concurrency: int = 128,
+        node_networks: Iterable[str] = (),
+        max_nodes: int = DEFAULT_MAX_NODES,
+        max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        discovery_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        for name, value in (
-            ("health_check_interval", health_check_interval),
-            ("node_timeout", node_timeout),
-            ("request_timeout", request_timeout),
+        self.health_check_interval = positive_number("health_check_interval", health_check_interval)
+        self.node_timeout = positive_number("node_timeout", node_timeout)
+        self.request_timeout = positive_number("request_timeout", request_timeout)
+        self.discovery_timeout = positive_number("discovery_timeout", discovery_timeout)
+        for name, count in (
+            ("max_concurrency", max_concurrency),
+            ("max_nodes", max_nodes),
+            ("max_metadata_bytes", max_metadata_bytes),
+            ("max_response_bytes", max_response_bytes),
         ):
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
-        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
-            raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {count!r}")
         self.discovery = discovery
-        self.health_check_interval = float(health_check_interval)
-        self.node_timeout = float(node_timeout)
-        self.request_timeout = float(request_timeout)
         self.max_concurrency = max_concurrency
+        self.max_nodes = max_nodes
+        self.max_metadata_bytes = max_metadata_bytes
+        self.max_response_bytes = max_response_bytes
+        self.address_rules = NodeAddressRules(node_networks)
+        self._discovery_health = _BackendHealth()
         self._auth_token = None if auth_token is None else clean_token(auth_token)
         self._clock = clock
         self._nodes: dict[str, NodeInfo] = {}
@@ -147,6 +207,7 @@ class RuntimeCoordinator:
         self._ssl = ssl.create_default_context()  # one CA bundle for every pool and probe, not one per node
         self._probe = HealthProbe(timeout=self.request_timeout, ssl_context=self._ssl)
         self._monitor: TaskGroup | None = None
+        self._skipped: dict[str, str] = {}  # discovered entries refused, by id (to log each one once)
 
     # -- node table -----------------------------------------------------------------------------------------
 
@@ -155,15 +216,104 @@ class RuntimeCoordinator:
         """A read-only view of the node table by id."""
         return MappingProxyType(self._nodes)
 
+    @property
+    def node_token(self) -> str | None:
+        """The token sent to nodes, which nodes must also present to register over HTTP (None when unset)."""
+        return self._auth_token
+
     def register_node(
         self, node_id: str, url: str, metadata: Mapping[str, Any] | None = None, *, auth_token: str | None = None
     ) -> NodeInfo:
         """Add a node to the table, or update a known one (a new URL resets its health to unknown).
 
+        This is the operator's in-process call and may replace any entry; nodes registering themselves over
+        HTTP go through `accept_registration`, which never displaces a live node. A node registered here with
+        its own `auth_token` is never replaced over HTTP.
+
         Raises:
-            ValueError: invalid node id, URL, metadata or token.
+            ValueError: invalid node id, URL (see `NodeAddressRules`), metadata or token.
+            MetadataTooLargeError: metadata over `max_metadata_bytes`.
+            ClusterFullError: a new node while the table holds `max_nodes`.
         """
-        return self._upsert(node_id, url, metadata, "registered", auth_token)
+        validate_node_id(node_id)
+        url = self.address_rules.check_url(url)
+        meta = self._checked_metadata(metadata)
+        if auth_token is not None:
+            auth_token = clean_token(auth_token)
+        self._check_room(node_id)
+        return self._upsert(node_id, url, meta, "registered", auth_token)
+
+    async def accept_registration(
+        self, node_id: str, url: str, metadata: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """A node's own registration (`POST /cluster/nodes`): checked, never displacing a live node.
+
+        A known node id may move to another URL only when its registered URL fails a health check right now
+        (or answers as another node): a live node cannot be displaced, and a node registered in process with
+        its own token never is. With a discovery backend, the registration is written there first (so its
+        TTL applies) and the table follows at once, without re-reading the backend.
+
+        Returns:
+            The registration's answer: `{"status": "registered", "node_id", "url"}` plus the backend's `ttl`.
+
+        Raises:
+            ValueError: invalid node id, URL or metadata, or a host name that does not resolve to an
+                address the coordinator may call.
+            MetadataTooLargeError: metadata over `max_metadata_bytes`.
+            NodeConflictError: the node id is registered, and alive, at another URL.
+            ClusterFullError: a new node while the table holds `max_nodes`.
+            DiscoveryUnavailableError: the discovery backend failed or did not answer in time.
+        """
+        validate_node_id(node_id)
+        url = self.address_rules.check_url(url)
+        meta = self._checked_metadata(metadata)
+        await self.address_rules.check_resolved(url)
+        existing = self._nodes.get(node_id)
+        if (
+            existing is not None
+            and existing.url != url
+            and (existing.auth_token is not None or await self._answers_as(existing))
+        ):
+            raise NodeConflictError(node_id)
+        self._check_room(node_id)
+        answer: dict[str, Any] = {"status": "registered", "node_id": node_id, "url": url}
+        discovery = self.discovery
+        if discovery is None:
+            self._upsert(node_id, url, meta, "registered")
+            return answer
+        await self._call_discovery(discovery.register(node_id, url, meta))
+        existing = self._nodes.get(node_id)
+        self._upsert(node_id, url, meta, existing.source if existing is not None else "discovered")
+        ttl = getattr(discovery, "ttl", None)
+        if ttl is not None:
+            answer["ttl"] = ttl
+        return answer
+
+    async def accept_heartbeat(self, node_id: str) -> bool:
+        """A node's heartbeat: False when the registry does not know it (the node then registers again).
+
+        Raises:
+            DiscoveryUnavailableError: the discovery backend failed or did not answer in time.
+        """
+        beat = getattr(self.discovery, "heartbeat", None)
+        if beat is None:
+            return node_id in self._nodes
+        known: bool = await self._call_discovery(beat(node_id))
+        return known
+
+    async def accept_unregistration(self, node_id: str) -> bool:
+        """A node leaving (`DELETE /cluster/nodes/{id}`); False when the table did not know it.
+
+        Raises:
+            DiscoveryUnavailableError: the discovery backend failed or did not answer in time.
+        """
+        if self.discovery is not None:
+            await self._call_discovery(self.discovery.unregister(node_id))
+        info = self._nodes.pop(node_id, None)
+        if info is None:
+            return False
+        self._retire(node_id, info.url)
+        return True
 
     def unregister_node(self, node_id: str) -> None:
         """Remove a node from the table.
@@ -191,27 +341,55 @@ class RuntimeCoordinator:
         """Ids of the nodes whose last verdict is healthy."""
         return [node_id for node_id, info in self._nodes.items() if info.is_healthy]
 
+    def _checked_metadata(self, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+        meta = validate_metadata(metadata)
+        metadata_size(meta, self.max_metadata_bytes)
+        return meta
+
+    def _check_room(self, node_id: str) -> None:
+        if node_id not in self._nodes and len(self._nodes) >= self.max_nodes:
+            raise ClusterFullError(self.max_nodes)
+
+    async def _answers_as(self, info: NodeInfo) -> bool:
+        """True when `info.url` answers `/health` now as node `info.node_id` (a live node, not a moved one)."""
+        try:
+            health = await self._probe.health(info.url, info.auth_token or self._auth_token)
+        except Exception:
+            return False
+        return bool(health.get("node_id", info.node_id) == info.node_id)
+
+    async def _call_discovery(self, call: Awaitable[T]) -> T:
+        """Await a discovery backend call within `discovery_timeout`, reporting failures as unavailability."""
+        try:
+            with anyio.fail_after(self.discovery_timeout):
+                result = await call
+        except TimeoutError:
+            reason = f"no answer within {self.discovery_timeout:g}s"
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+        else:
+            self._discovery_health.ok()
+            return result
+        self._discovery_health.failed(reason)
+        raise DiscoveryUnavailableError(reason)
+
     def _upsert(
         self,
         node_id: str,
         url: str,
-        metadata: Mapping[str, Any] | None,
+        metadata: dict[str, Any],
         source: Literal["registered", "discovered"],
         auth_token: str | None = None,
     ) -> NodeInfo:
-        validate_node_id(node_id)
-        url = normalize_url(url)
-        meta = validate_metadata(metadata)
-        if auth_token is not None:
-            auth_token = clean_token(auth_token)
+        """Write an already validated entry (its URL normalised, its metadata a fresh dict)."""
         info = self._nodes.get(node_id)
         if info is not None and info.url != url:
             self._retire(node_id, info.url)
         if info is None or info.url != url:
-            info = NodeInfo(node_id, url, meta, source, auth_token=auth_token)
+            info = NodeInfo(node_id, url, metadata, source, auth_token=auth_token)
             self._nodes[node_id] = info
         else:
-            info.metadata = meta
+            info.metadata = metadata
             info.source = source if info.source == "discovered" else info.source
             if auth_token is not None:
                 info.auth_token = auth_token
@@ -220,24 +398,40 @@ class RuntimeCoordinator:
     async def sync_discovery(self) -> None:
         """Pull the discovery backend's nodes into the table; drop discovered nodes it no longer lists.
 
-        A backend that fails (an etcd outage) leaves the table as it was: the failure is logged.
+        A backend that fails, or does not answer within `discovery_timeout`, leaves the table as it was and
+        is reported in `cluster_status()["discovery"]`. Entries the coordinator would refuse from a
+        registration (a bad URL, oversized metadata, beyond `max_nodes`) are skipped with a log line.
         """
         if self.discovery is None:
             return
         try:
-            discovered = await self.discovery.discover()
-        except Exception as exc:
-            logger.warning("discovery failed, keeping the last known nodes: %s", exc)
+            discovered = await self._call_discovery(self.discovery.discover())
+        except DiscoveryUnavailableError:
             return
         seen = set()
         for node in discovered:
             seen.add(node.node_id)
             existing = self._nodes.get(node.node_id)
-            if existing is not None and existing.source == "registered":
-                continue  # an explicit registration wins over what discovery says
-            self._upsert(node.node_id, node.url, node.metadata, "discovered")
+            if existing is not None and (
+                existing.source == "registered"  # an explicit registration wins over what discovery says
+                or (existing.url == node.url and existing.metadata == node.metadata)
+            ):
+                continue
+            try:
+                validate_node_id(node.node_id)
+                url = self.address_rules.check_url(node.url)
+                meta = self._checked_metadata(node.metadata)
+                self._check_room(node.node_id)
+            except (ValueError, ClusterFullError) as exc:
+                if self._skipped.get(node.node_id) != node.url:
+                    logger.warning("discovery lists node %r, which is not accepted: %s", node.node_id, exc)
+                    self._skipped[node.node_id] = node.url
+                continue
+            self._upsert(node.node_id, url, meta, "discovered")
         for node_id in [n for n, info in self._nodes.items() if info.source == "discovered" and n not in seen]:
             self._retire(node_id, self._nodes.pop(node_id).url)
+        if len(self._skipped) > len(seen):
+            self._skipped = {n: u for n, u in self._skipped.items() if n in seen}
         await self._close_retired()
 
     # -- health -------------------------------------------------------------------------------------------
@@ -261,7 +455,9 @@ class RuntimeCoordinator:
         try:
             async with self._limiter:
                 health = await self._probe.health(info.url, info.auth_token or self._auth_token)
-        except (NodeError, NodeUnreachableError) as exc:
+        except Exception as exc:  # whatever one node does, the round (and status) goes on
+            if not isinstance(exc, NodeError | NodeUnreachableError):
+                logger.exception("health check of node %s failed unexpectedly", info.node_id)
             self._record_failure(info, exc)
             results[info.node_id] = {"status": "unhealthy", "error": f"Health check failed: {exc}"}
         else:
@@ -289,18 +485,22 @@ class RuntimeCoordinator:
 
         Returns:
             `{"total_nodes", "healthy_nodes", "unhealthy_nodes", "total_processes", "nodes": {id: {...}}}`,
-            each node entry being `NodeInfo.to_dict()` plus its `"health"` answer or error.
+            each node entry being `NodeInfo.to_dict()` plus its `"health"` answer or error; with a discovery
+            backend also `"discovery": {"ok", "error", "since"}` (`since`: when it started failing).
         """
         results = await self.check_health()
         nodes = {node_id: {**info.to_dict(), "health": results.get(node_id)} for node_id, info in self._nodes.items()}
         healthy = [info for info in self._nodes.values() if info.is_healthy]
-        return {
+        status: dict[str, Any] = {
             "total_nodes": len(nodes),
             "healthy_nodes": len(healthy),
             "unhealthy_nodes": len(nodes) - len(healthy),
             "total_processes": sum(info.process_count for info in healthy),
             "nodes": nodes,
         }
+        if self.discovery is not None:
+            status["discovery"] = self._discovery_health.to_dict()
+        return status
 
     # -- remote control -------------------------------------------------------------------------------------
 
@@ -387,6 +587,9 @@ class RuntimeCoordinator:
                 results[node_id] = {"error": str(exc), "timeout": True}
             except NodeUnreachableError as exc:
                 results[node_id] = {"error": str(exc), "unreachable": True}
+            except Exception as exc:  # every target answers, whatever one of them did
+                logger.exception("broadcast to node %s failed unexpectedly", node_id)
+                results[node_id] = {"error": f"{type(exc).__name__}: {exc}", "status_code": 500}
 
         async with anyio.create_task_group() as tg:
             for node_id in targets:
@@ -404,7 +607,13 @@ class RuntimeCoordinator:
                 self._retired.append(entry[1])
             pool = httpx.AsyncClient(verify=self._ssl, limits=_NODE_POOL_LIMITS)
             entry = self._pools[info.node_id] = (key, pool)
-        return NodeClient.from_client(entry[1], info.url, auth_token=token, timeout=self.request_timeout)
+        return NodeClient.from_client(
+            entry[1],
+            info.url,
+            auth_token=token,
+            timeout=self.request_timeout,
+            max_response_bytes=self.max_response_bytes,
+        )
 
     def _retire(self, node_id: str, url: str) -> None:
         """Schedule the closing of what was kept open for a node that left (or moved)."""

@@ -6,43 +6,19 @@ In-process through the ASGI lifespan protocol, and for real in subprocesses unde
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
 
-import anyio
 import httpx
 import pytest
+from support import free_port, lifespan, serve, wait_healthy
 
 import promptise_asgi
 from promptise_asgi._app import NodeApp
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "examples" / "promptise.toml"
-
-
-@asynccontextmanager
-async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
-    """Drive an ASGI app's lifespan: yields the startup answer, then shuts it down."""
-    to_app, app_inbox = anyio.create_memory_object_stream[dict[str, Any]](4)
-    from_app, outbox = anyio.create_memory_object_stream[dict[str, Any]](4)
-    async with to_app, app_inbox, from_app, outbox, anyio.create_task_group() as tg:
-        tg.start_soon(
-            app, {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, app_inbox.receive, from_app.send
-        )
-        await to_app.send({"type": "lifespan.startup"})
-        started = await outbox.receive()
-        yield started
-        if started["type"] == "lifespan.startup.complete":
-            await to_app.send({"type": "lifespan.shutdown"})
-            assert (await outbox.receive())["type"] == "lifespan.shutdown.complete"
 
 
 def test_app_is_a_real_module_attribute() -> None:
@@ -108,43 +84,6 @@ async def test_requests_without_lifespan_get_503() -> None:
 
 
 # -- real servers, in subprocesses ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextmanager
-def serve(command: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
-    process = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:  # pragma: no cover - a hung server is the failure being reported
-                process.kill()
-                process.wait()
-
-
-def wait_healthy(url: str, process: subprocess.Popen[str], timeout: float = 30.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(
-                f"server exited early ({process.returncode}):\n{process.stdout.read() if process.stdout else ''}"
-            )
-        try:
-            return httpx.get(url, timeout=1.0).json()  # type: ignore[no-any-return]
-        except httpx.TransportError:
-            time.sleep(0.1)
-    raise AssertionError(f"no answer from {url} within {timeout}s")
 
 
 SERVERS = {

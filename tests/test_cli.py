@@ -218,3 +218,31 @@ def test_main_in_process_reports_errors_without_traceback(capsys: pytest.Capture
     assert main(["status", "--coordinator", "http://127.0.0.1:1", "--timeout", "2"]) == 1
     captured = capsys.readouterr()
     assert captured.err.startswith("promptise-asgi status: ") and "Traceback" not in captured.err
+
+
+def test_coordinator_node_token_and_node_networks() -> None:
+    """The operator token steers, the node token registers, and nodes outside --node-network are refused."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {"PROMPTISE_AUTH_TOKEN": "operator", "PROMPTISE_NODE_TOKEN": "for-nodes"}
+    args = ("coordinator", "--port", str(port), "--node-network", "10.0.0.0/8", "--node-network", "127.0.0.0/8")
+    with running(*args, env=env) as process:
+        wait_until(f"{base}/health", process)
+        as_node = {"Authorization": "Bearer for-nodes"}
+        inside = httpx.post(
+            f"{base}/cluster/nodes", json={"node_id": "a", "url": "http://127.0.0.2:9"}, headers=as_node
+        )
+        outside = httpx.post(
+            f"{base}/cluster/nodes", json={"node_id": "b", "url": "http://192.168.0.2:9"}, headers=as_node
+        )
+        operator = httpx.post(
+            f"{base}/cluster/nodes",
+            json={"node_id": "c", "url": "http://10.0.0.3:9"},
+            headers={"Authorization": "Bearer operator"},
+        )
+        status = httpx.get(f"{base}/cluster/status", headers={"Authorization": "Bearer operator"}, timeout=15)
+        interrupt(process)
+    assert inside.status_code == 200
+    assert outside.status_code == 422 and "outside the allowed node networks" in outside.json()["error"]
+    assert operator.status_code == 403
+    assert list(status.json()["nodes"]) == ["a"]

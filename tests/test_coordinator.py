@@ -315,7 +315,7 @@ class TestCoordinatorApp:
         [
             ({"node_id": "-bad", "url": "http://h"}, 422, "node_id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"),
             ({"url": "http://h"}, 422, "node_id must match ^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"),
-            ({"node_id": "x", "url": "ftp://h/"}, 422, "url must be an http(s) URL"),
+            ({"node_id": "x", "url": "ftp://h/"}, 422, "url must be an http(s) URL with a host, got 'ftp://h/'"),
             ({"node_id": "x"}, 422, "url must be an http(s) URL"),
             ({"node_id": "x", "url": "http://h", "metadata": [1]}, 422, "metadata must be a JSON object"),
             (b"nope", 400, "Invalid JSON body"),

@@ -424,8 +424,8 @@ async def test_registry_matches_the_obvious_model_under_random_churn(seed: int) 
                     model.unregister(node_id)
         elif roll < 0.45:
             node_id = rng.choice(pool[:300])
-            await registry.register(node_id, f"http://{node_id}:{step}", {"step": step})
-            model.register(node_id, f"http://{node_id}:{step}", {"step": step})
+            await registry.register(node_id, f"http://{node_id}:{step + 1}", {"step": step})
+            model.register(node_id, f"http://{node_id}:{step + 1}", {"step": step})
         elif roll < 0.7:
             node_id = rng.choice(pool[:300])
             assert await registry.heartbeat(node_id) == model.heartbeat(node_id)

@@ -602,7 +602,7 @@ async def test_watch_after_compaction_emits_the_differences(etcd: EtcdServer, pr
         await tg.start(proxy.serve)
         async with EtcdDiscovery(proxy.url, prefix=prefix) as watching, EtcdDiscovery(etcd.url, prefix=prefix) as d:
             watching.watch_backoff = (0.05, 0.2)
-            await d.register("stays", "http://h:0")
+            await d.register("stays", "http://h:10")
             await d.register("goes", "http://h:1")
             # Only the watch stream goes through the proxy: an idle pooled connection cut by drop() would make
             # httpx leave a half-sent request body to trio's garbage collector (a ResourceWarning).

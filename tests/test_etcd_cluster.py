@@ -147,3 +147,33 @@ def test_cli_coordinator_and_node_on_etcd(etcd: EtcdServer, tmp_path: Path) -> N
             process.terminate()
             output, _ = process.communicate(timeout=30)
             assert "Traceback" not in output, output
+
+
+async def test_with_etcd_down_registration_is_503_and_status_says_discovery_is_unavailable(
+    own_etcd: EtcdServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    prefix = f"/test/{uuid.uuid4().hex}/"
+    async with EtcdDiscovery(own_etcd.url, prefix=prefix, ttl=5, timeout=1) as discovery:
+        coordinator = RuntimeCoordinator(discovery=discovery, request_timeout=1)
+        transport = httpx.ASGITransport(app=create_coordinator_app(coordinator))
+        async with coordinator, httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+            body = {"node_id": "n1", "url": "http://127.0.0.1:9"}
+            assert (await client.post("/cluster/nodes", json=body)).status_code == 200
+            own_etcd.stop()
+            response = await client.post("/cluster/nodes", json={**body, "node_id": "n2"})
+            assert response.status_code == 503
+            assert response.json()["error"].startswith("discovery unavailable: etcd unavailable at")
+            with anyio.fail_after(2 + 1):  # answered from the table, not after etcd's own timeouts
+                status = (await client.get("/cluster/status")).json()
+            assert status["discovery"]["ok"] is False and list(status["nodes"]) == ["n1"]
+            own_etcd.start()
+            await wait_for_registration(client, body)
+    assert not any(record.exc_info for record in caplog.records)  # no traceback in the log
+
+
+async def wait_for_registration(client: httpx.AsyncClient, body: dict[str, str]) -> None:
+    with anyio.fail_after(20):
+        while (await client.post("/cluster/nodes", json=body)).status_code != 200:
+            await anyio.sleep(0.2)
+    status = (await client.get("/cluster/status")).json()
+    assert status["discovery"] == {"ok": True, "error": None, "since": None}

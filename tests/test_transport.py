@@ -382,7 +382,7 @@ class TestSecurity:
     )
     async def test_loopback_guard_without_token(self, headers: dict[str, str], code: int, error: str | None) -> None:
         async with running_node() as (_, client, _):
-            response = await client.get("/health", headers=headers)
+            response = await client.get("/status", headers=headers)
         assert response.status_code == code
         if error:
             assert response.json() == {"error": error}
@@ -395,10 +395,10 @@ class TestSecurity:
 
     async def test_trusted_hosts_and_explicit_opt_out(self) -> None:
         async with running_node(trusted_hosts=["node1.internal"]) as (_, client, _):
-            assert (await client.get("/health", headers={"Host": "node1.internal:9100"})).status_code == 200
-            assert (await client.get("/health", headers={"Host": "other.internal"})).status_code == 421
+            assert (await client.get("/status", headers={"Host": "node1.internal:9100"})).status_code == 200
+            assert (await client.get("/status", headers={"Host": "other.internal"})).status_code == 421
         async with running_node(allow_unauthenticated=True) as (_, client, _):
-            assert (await client.get("/health", headers={"Host": "anything.example"})).status_code == 200
+            assert (await client.get("/status", headers={"Host": "anything.example"})).status_code == 200
 
     async def test_token_replaces_the_host_guard(self) -> None:
         async with running_node(token="t") as (_, client, _):

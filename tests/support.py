@@ -1,0 +1,122 @@
+"""Helpers shared by the tests: free ports, waiting on a condition with a deadline, addresses to aim at."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+
+def free_port() -> int:
+    """A TCP port that was free on loopback a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dead_url() -> str:
+    """An http URL on loopback where nothing listens (connections are refused)."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+@contextmanager
+def black_hole() -> Iterator[str]:
+    """An http URL whose socket accepts connections (the kernel does) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "the condition") -> None:
+    """Poll `predicate` until it holds; fail with `what` after `timeout` seconds."""
+    try:
+        with anyio.fail_after(timeout):
+            while not predicate():
+                await anyio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+async def wait_for_async(check: Callable[[], Awaitable[bool]], timeout: float = 15.0, what: str = "it") -> None:
+    """Poll an async `check` until it returns True; fail with `what` after `timeout` seconds."""
+    try:
+        with anyio.fail_after(timeout):
+            while not await check():
+                await anyio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+def non_loopback_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback (a peer connecting to it is not loopback), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # no packet is sent: this only asks the kernel for a route
+            address = str(sock.getsockname()[0])
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def serve(command: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+    """Run a server command in a subprocess (stdout and stderr merged), terminated when the block ends."""
+    process = subprocess.Popen(
+        command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:  # pragma: no cover - a hung server is the failure being reported
+                process.kill()
+                process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def wait_healthy(url: str, process: subprocess.Popen[str], timeout: float = 30.0) -> dict[str, Any]:
+    """Poll `url` (a `/health`) until it answers JSON; fail with the server's output if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(
+                f"server exited early ({process.returncode}):\n{process.stdout.read() if process.stdout else ''}"
+            )
+        try:
+            return httpx.get(url, timeout=1.0).json()  # type: ignore[no-any-return]
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"no answer from {url} within {timeout}s")
+
+
+@asynccontextmanager
+async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
+    """Drive an ASGI app's lifespan: yields the startup answer, then shuts it down."""
+    to_app, app_inbox = anyio.create_memory_object_stream[dict[str, Any]](4)
+    from_app, outbox = anyio.create_memory_object_stream[dict[str, Any]](4)
+    async with to_app, app_inbox, from_app, outbox, anyio.create_task_group() as tg:
+        tg.start_soon(
+            app, {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, app_inbox.receive, from_app.send
+        )
+        await to_app.send({"type": "lifespan.startup"})
+        started = await outbox.receive()
+        yield started
+        if started["type"] == "lifespan.startup.complete":
+            await to_app.send({"type": "lifespan.shutdown"})
+            assert (await outbox.receive())["type"] == "lifespan.shutdown.complete"
