@@ -25,7 +25,7 @@ def _errors(*codes: int) -> dict[str, Any]:
     descriptions = {
         400: "Bad request body",
         401: "Missing or wrong bearer token",
-        403: "Cross-origin request refused (no token configured)",
+        403: "No token configured: a remote peer or a cross-origin request refused",
         404: "Unknown process",
         413: "Body larger than max_body_bytes",
         421: "Non-loopback Host (no token configured)",
