@@ -544,19 +544,31 @@ def main(argv: list[str] | None = None) -> int:
     results = run(settings, parts)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    m = results["machine"]
+    report = report_text(results)
     print()
-    print(f"promptise-asgi benchmarks, {results['when']}: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}, "
-          f"uvicorn {m['uvicorn']} (uvloop, httptools), {m['wrk']}")  # fmt: skip
-    print(f"server pinned to CPU 0, load generator to CPU 1; ceiling GET bodies: "
-          f"{results.get('http', {}).get('ceiling_bodies', '-')}; original: "
-          f"{'promptise 1.10 in bench/.venv-original' if results['original_python'] else 'not installed'}")  # fmt: skip
-    print(render(results))
+    print(report)
     for script, entry in results.get("others", {}).items():
         if entry.get("output"):
             print(f"\n[{script}]\n{entry['output'].rstrip()}")
-    print(f"\nraw results: {args.json}; whole run {results['seconds']:.0f} s")
+    # The docs' performance page shows the table of the last full run from this file: no figure is copied by hand.
+    complete = not settings.quick and set(parts) == set(PARTS) and args.json == RESULTS
+    table = RESULTS.with_name("latest.md" if complete else "partial.md")
+    table.write_text(f"```text\n{report}\n```\n", encoding="utf-8")
+    print(f"\nraw results: {args.json}; table: {table}; whole run {results['seconds']:.0f} s")
     return 0
+
+
+def report_text(results: dict[str, Any]) -> str:
+    """The run's header lines and its table, as printed and as the docs show them."""
+    m = results["machine"]
+    header = [
+        f"promptise-asgi benchmarks, {results['when']}: {m['cpu']}, {m['cpus']} CPUs, Python {m['python']}, "
+        f"uvicorn {m['uvicorn']} (uvloop, httptools), {m['wrk']}",
+        f"server pinned to CPU 0, load generator to CPU 1; ceiling GET bodies: "
+        f"{results.get('http', {}).get('ceiling_bodies', '-')}; original: "
+        f"{'promptise 1.10 in bench/.venv-original' if results['original_python'] else 'not installed'}",
+    ]
+    return "\n".join([*header, render(results)])
 
 
 if __name__ == "__main__":

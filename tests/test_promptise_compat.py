@@ -524,11 +524,9 @@ class TestOverRealPromptise:
         event_id = lines[1].split("'event_id': '")[1].split("'")[0]
         assert lines[2].startswith(f"handled by the agent: [Trigger: remote] trigger_id=remote event_id={event_id}")
 
-    def test_readme_shows_the_example_as_it_runs(self) -> None:
-        readme = (ROOT / "README.md").read_text(encoding="utf-8")
-        if "## Using it with promptise" not in readme:
-            pytest.skip("README.md has no 'Using it with promptise' section yet")
-        assert f"```python\n{EXAMPLE.read_text(encoding='utf-8')}```" in readme, "README example differs from the file"
+    def test_the_docs_show_the_example_as_it_runs(self) -> None:
+        page = (ROOT / "docs" / "promptise.md").read_text(encoding="utf-8")
+        assert f"```python\n{EXAMPLE.read_text(encoding='utf-8')}```" in page, "the docs' example differs from the file"
 
     def test_compat_module_does_not_import_promptise(self) -> None:
         code = "import sys, promptise_asgi._promptise_compat; print('promptise' in sys.modules)"
