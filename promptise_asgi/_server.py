@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._http import is_loopback_host, normalize_tokens
 from ._node_app import create_transport_app, node_lifespan
 from ._protocol import RuntimeLike
-from ._server_limits import ServerLimits, uvicorn_options, uvicorn_protocol
+from ._server_limits import ServerLimits, configure_hypercorn, limit_requests, uvicorn_options, uvicorn_protocol
 from ._tasks import spawn_detached
 
 __all__ = ["AppServer", "RuntimeTransport"]
@@ -59,12 +59,13 @@ class RuntimeTransport:
         heartbeat_interval: seconds between heartbeats (default: the backend's ttl / 3, else 10).
         graceful_timeout: seconds `stop()` lets in-flight requests finish.
         log_level: the server's log level.
-        limit_concurrency: connections served at once; beyond it a request is answered 503.
+        limit_concurrency: connections served at once (uvicorn) or requests in flight (hypercorn); beyond it
+            a request is answered 503.
         max_header_bytes: the largest request head (request line and header fields) accepted; a larger one is
             answered 431 (or 400) and its connection closed.
         read_timeout: seconds a client has to send a complete request head (from connecting, or from the first
             byte of a request after the previous response), and the longest it may pause in the middle of a
-            request body; a connection past either is closed.
+            request body; a connection past either is closed (hypercorn answers a stalled body 408 first).
         **app_options: passed to `create_transport_app` (`max_body_bytes`, `trusted_hosts`, ...).
 
     Raises:
@@ -200,7 +201,8 @@ class AppServer:
     """Serve any ASGI app on a socket we bind ourselves, in the current event loop (asyncio or trio).
 
     Used by `RuntimeTransport` for a node and by the command line for a coordinator. `bind()` may be called
-    before `start()` so that an address in use fails before anything else starts.
+    before `start()` so that an address in use fails before anything else starts. Whichever server runs, it
+    enforces the same limits on sizes and times (SPEC 18).
 
     Args:
         app: the ASGI app to serve (it gets lifespan events).
@@ -212,12 +214,13 @@ class AppServer:
         graceful_timeout: seconds `stop()` lets in-flight requests finish.
         log_level: the server's log level.
         name: what log messages and task names call this server.
-        limit_concurrency: connections served at once; beyond it a request is answered 503.
+        limit_concurrency: connections served at once (uvicorn) or requests in flight (hypercorn); beyond it
+            a request is answered 503.
         max_header_bytes: the largest request head (request line and header fields) accepted; a larger one is
             answered 431 (or 400) and its connection closed.
         read_timeout: seconds a client has to send a complete request head (from connecting, or from the first
             byte of a request after the previous response), and the longest it may pause in the middle of a
-            request body; a connection past either is closed.
+            request body; a connection past either is closed (hypercorn answers a stalled body 408 first).
 
     Raises:
         ValueError: an unknown server, half a TLS pair, or a limit that is not a positive number.
@@ -470,6 +473,8 @@ class _ServerRunner:
         config.accesslog = None
         config.loglevel = t.log_level.upper()
         config.graceful_timeout = t.graceful_timeout
+        configure_hypercorn(config, t.limits)
+        app = limit_requests(app, t.limits)
         if t.ssl_certfile:
             config.certfile = t.ssl_certfile
             config.keyfile = t.ssl_keyfile

@@ -1,8 +1,9 @@
 """Size and time limits for the servers `AppServer` drives (SPEC 18, "Sizes and times").
 
 `ServerLimits` holds and checks the three numbers. uvicorn enforces them through `uvicorn_protocol()`, its own
-HTTP protocol with a per-connection watchdog. Knows servers and ASGI messages, not the apps served. Nothing here
-imports uvicorn until `uvicorn_protocol()` is called: under trio it is never loaded.
+HTTP protocol with a per-connection watchdog; hypercorn through its config (`configure_hypercorn()`) plus
+`limit_requests()`, a pure-ASGI wrapper for what that config cannot express. Knows servers and ASGI messages, not
+the apps served. Nothing here imports uvicorn until `uvicorn_protocol()` is called: under trio it is never loaded.
 """
 
 from __future__ import annotations
@@ -12,16 +13,21 @@ import math
 from dataclasses import dataclass
 from typing import Any, cast
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+import anyio
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "ServerLimits",
+    "configure_hypercorn",
+    "limit_requests",
     "refuse_large_heads",
     "uvicorn_options",
     "uvicorn_protocol",
 ]
 
 HEADER_TOO_LARGE = b'{"error": "Request header fields too large"}'
+BUSY = b'{"error": "Server busy: too many concurrent requests"}'
+BODY_TIMED_OUT = b'{"error": "Request body timed out"}'
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,74 @@ def refuse_large_heads(app: ASGIApp, max_header_bytes: int) -> ASGIApp:
             await app(scope, receive, send)
 
     return refusing
+
+
+def configure_hypercorn(config: Any, limits: ServerLimits) -> None:
+    """Set what hypercorn's own config can enforce; `limit_requests()` does the rest."""
+    # h11 refuses (431) a head still incomplete past this size.
+    config.h11_max_incomplete_size = limits.max_header_bytes
+    # hypercorn's idle timer runs from the connection's start (or the end of the previous response) until a
+    # complete request head arrives, whatever trickles in meanwhile: a header-read deadline. Its `read_timeout`
+    # is not used: it limits every read, so it would also cut a long response to a client that sends nothing.
+    config.keep_alive_timeout = min(config.keep_alive_timeout, limits.read_timeout)
+
+
+def limit_requests(app: ASGIApp, limits: ServerLimits) -> ASGIApp:
+    """Wrap `app` (served by hypercorn) with the limits hypercorn's config cannot express.
+
+    A head over `max_header_bytes` is answered 431; an HTTP request beyond `limit_concurrency` in flight, 503; and
+    when the app waits more than `read_timeout` for the next chunk of an incomplete request body, it receives
+    `http.disconnect` and the client a 408 (unless a response had started), then the connection closes.
+    """
+    in_flight = 0
+
+    async def limited(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal in_flight
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+        elif in_flight >= limits.limit_concurrency:
+            await _answer(send, 503, BUSY)
+        else:
+            in_flight += 1
+            try:
+                await _with_body_deadline(app, limits.read_timeout, scope, receive, send)
+            finally:
+                in_flight -= 1
+
+    return refuse_large_heads(limited, limits.max_header_bytes)
+
+
+async def _with_body_deadline(app: ASGIApp, read_timeout: float, scope: Scope, receive: Receive, send: Send) -> None:
+    body_complete = timed_out = response_started = False
+
+    async def receive_within_deadline() -> Message:
+        nonlocal body_complete, timed_out
+        if timed_out:
+            return {"type": "http.disconnect"}
+        if body_complete:  # waiting for a disconnect now: no deadline, or long responses would be cut
+            return await receive()
+        with anyio.move_on_after(read_timeout):
+            message = await receive()
+            body_complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+        timed_out = True
+        return {"type": "http.disconnect"}
+
+    async def send_unless_timed_out(message: Message) -> None:
+        nonlocal response_started
+        if timed_out:
+            return  # the app was told the client left; the client is answered 408 below instead
+        response_started = response_started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive_within_deadline, send_unless_timed_out)
+    except Exception:
+        if not timed_out:
+            raise
+        # Apps commonly raise on a disconnect mid-body (Starlette's ClientDisconnect): the answer is still 408.
+    if timed_out and not response_started:
+        await _answer(send, 408, BODY_TIMED_OUT)
 
 
 def uvicorn_protocol(limits: ServerLimits) -> type[asyncio.Protocol]:

@@ -1,7 +1,8 @@
 """Server-level size and time limits (SPEC 18, "Sizes and times") on real loopback sockets.
 
-Each test reproduces an attack with small sizes and a short `read_timeout`, on uvicorn with httptools and with h11
-(what it uses when the `fast` extra is not installed).
+Each test reproduces an attack with small sizes and a short `read_timeout`, on every server the project drives:
+uvicorn with httptools, uvicorn with h11 (what it uses when the `fast` extra is not installed), and hypercorn on
+asyncio and on trio.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ SLACK = 1.0
     params=[
         pytest.param(("asyncio", "uvicorn"), id="asyncio-uvicorn"),
         pytest.param(("asyncio", "uvicorn-h11"), id="asyncio-uvicorn-h11"),
+        pytest.param(("asyncio", "hypercorn"), id="asyncio-hypercorn"),
+        pytest.param(("trio", "hypercorn"), id="trio-hypercorn"),
     ]
 )
 def server_case(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
