@@ -202,7 +202,7 @@ class AppServer:
 
     Used by `RuntimeTransport` for a node and by the command line for a coordinator. `bind()` may be called
     before `start()` so that an address in use fails before anything else starts. Whichever server runs, it
-    enforces the same limits on sizes and times (SPEC 18).
+    enforces the same limits on sizes and times (SPEC 18; docs/server-limits.md).
 
     Args:
         app: the ASGI app to serve (it gets lifespan events).
