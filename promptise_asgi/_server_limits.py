@@ -221,20 +221,21 @@ class _LimitedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = self._last_read = self.loop.time()
         cycle = self.cycle
+        reading_body = cycle is not None and cycle.more_body and not cycle.response_complete
         if self._head_bytes + len(data) > self.limits.max_header_bytes:
             self._receive_checking_head_size(data)
         else:
             super().data_received(data)
-        if self.cycle is cycle and (cycle is None or cycle.response_complete or not cycle.more_body):
-            # No request body is being read, so these bytes are (part of) the next request's head. After an
-            # early response they may be the rest of an unread body: those share the head's size and deadline.
-            if self._head_since is None or self._head_cycle is not cycle:
-                self._head_since, self._head_cycle, self._head_bytes = now, cycle, 0
-            self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_bytes:
-                self._refuse_head()
-        else:
+        if reading_body or self.cycle is not cycle:  # body bytes, or a request head completed
             self._head_since, self._head_bytes = None, 0
+            return
+        # No request body is being read, so these bytes are (part of) the next request's head. After an early
+        # response they may be the rest of an unread body: those share the head's size and deadline.
+        if self._head_since is None or self._head_cycle is not cycle:
+            self._head_since, self._head_cycle, self._head_bytes = now, cycle, 0
+        self._head_bytes += len(data)
+        if self._head_bytes > self.limits.max_header_bytes:
+            self._refuse_head()
 
     def _receive_checking_head_size(self, data: bytes) -> None:
         # This read may complete a head that is over the limit: a request it starts is answered 431 instead.

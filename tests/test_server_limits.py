@@ -70,6 +70,7 @@ class LimitsApp:
                 Route("/ok", self.ok),
                 Route("/upload", self.upload, methods=["POST"]),
                 Route("/slow", self.slow, methods=["GET", "POST"]),
+                Route("/late-reader", self.late_reader, methods=["POST"]),
                 Route("/stream", self.stream),
                 Route("/hold", self.hold),
             ]
@@ -85,6 +86,10 @@ class LimitsApp:
         body = await request.body()
         await anyio.sleep(2 * READ_TIMEOUT)
         return JSONResponse({"bytes": len(body)})
+
+    async def late_reader(self, request: Request) -> JSONResponse:
+        await anyio.sleep(2 * READ_TIMEOUT)  # busy before it reads the body
+        return JSONResponse({"bytes": len(await request.body())})
 
     async def stream(self, request: Request) -> StreamingResponse:
         async def chunks() -> AsyncIterator[bytes]:
@@ -208,29 +213,39 @@ async def test_silent_and_dripping_connections_are_closed_after_read_timeout(ser
     assert min(closed_after.values()) >= READ_TIMEOUT - 0.1, closed_after
 
 
-@pytest.mark.parametrize("body", ["content-length", "chunked"])
-async def test_a_stalled_body_is_cut_off_and_the_node_keeps_serving(server: str, body: str) -> None:
+async def stall_mid_body(port: int, path: str, body: str) -> bytes:
+    """Send a request head and 1000 bytes of a much longer body, then nothing: the server's answer, once it closes."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        start = anyio.current_time()
+        if body == "content-length":
+            await stream.send(head(path, "POST", Content_Length="1000000") + b'{"payload": "' + b"x" * 987)
+        else:
+            await stream.send(head(path, "POST", Transfer_Encoding="chunked") + b"3e8\r\n" + b"x" * 1000 + b"\r\n")
+        answer = await read_until_closed(stream, within=READ_TIMEOUT + SLACK)
+        assert anyio.current_time() - start >= READ_TIMEOUT - 0.1
+    assert answer == b"" or status_of(answer) == 408, answer[:200]
+    if answer:
+        assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"error": "Request body timed out"}
+    return answer
+
+
+async def test_a_stalled_body_is_cut_off_and_the_node_keeps_serving(server: str) -> None:
     runtime = AgentRuntime()
     await runtime.add_process("worker", ProcessConfig())
     options: dict[str, Any] = {"server": server, "read_timeout": READ_TIMEOUT}
     async with RuntimeTransport(runtime, port=0, **options) as transport:
-        async with await anyio.connect_tcp("127.0.0.1", transport.port) as stream:
-            start = anyio.current_time()
-            if body == "content-length":
-                await stream.send(head("/processes/worker/event", "POST", Content_Length="1000000"))
-                await stream.send(b'{"payload": "' + b"x" * 1000)
-            else:
-                await stream.send(head("/processes/worker/event", "POST", Transfer_Encoding="chunked"))
-                await stream.send(b"3e8\r\n" + b'{"payload": "' + b"x" * 987 + b"\r\n")
-            answer = await read_until_closed(stream, within=READ_TIMEOUT + SLACK)
-            elapsed = anyio.current_time() - start
-        assert answer == b"" or status_of(answer) == 408, answer[:200]
-        if answer:
-            assert json.loads(answer.partition(b"\r\n\r\n")[2]) == {"error": "Request body timed out"}
-        assert elapsed >= READ_TIMEOUT - 0.1
+        await stall_mid_body(transport.port, "/processes/worker/event", "content-length")
         async with httpx.AsyncClient(base_url=transport.url) as client:
             assert (await client.get("/health")).status_code == 200
     assert runtime.get_process("worker").status()["events_received"] == 0
+
+
+async def test_a_stalled_chunked_body_is_cut_off_even_if_the_app_fails_on_the_disconnect(server: str) -> None:
+    # Starlette's request.body() raises ClientDisconnect, and its error middleware would answer 500.
+    async with serving(server, LimitsApp(), read_timeout=READ_TIMEOUT) as served:
+        await stall_mid_body(served.port, "/upload", "chunked")
+        async with httpx.AsyncClient(base_url=served.url) as client:
+            assert (await client.get("/ok")).status_code == 200
 
 
 async def test_a_slow_but_steady_body_is_not_cut_off(server: str) -> None:
@@ -242,6 +257,30 @@ async def test_a_slow_but_steady_body_is_not_cut_off(server: str) -> None:
                 await anyio.sleep(READ_TIMEOUT / 3)
                 await stream.send(b"x" * 100)
             assert await read_response(stream) == (200, b'{"bytes":800}')
+
+
+async def test_a_client_waiting_for_the_app_to_read_is_not_cut_off(server: str) -> None:
+    # The app is busy for longer than read_timeout before it reads: a client that has sent all the server would
+    # take (the server stops reading a large body), or waits for "100 Continue", is not stalling.
+    results: dict[str, tuple[int, bytes]] = {}
+    async with serving(server, LimitsApp(), read_timeout=READ_TIMEOUT) as served, anyio.create_task_group() as tg:
+
+        async def large_body() -> None:
+            async with await anyio.connect_tcp("127.0.0.1", served.port) as stream:
+                await stream.send(head("/late-reader", "POST", Content_Length="1000000") + b"x" * 1_000_000)
+                results["large body"] = await read_response(stream)
+
+        async def expect_continue() -> None:
+            async with await anyio.connect_tcp("127.0.0.1", served.port) as stream:
+                await stream.send(head("/late-reader", "POST", Content_Length="3", Expect="100-continue"))
+                with anyio.fail_after(10):
+                    assert (await stream.receive()).startswith(b"HTTP/1.1 100 ")
+                await stream.send(b"abc")
+                results["100-continue"] = await read_response(stream)
+
+        tg.start_soon(large_body)
+        tg.start_soon(expect_continue)
+    assert results == {"large body": (200, b'{"bytes":1000000}'), "100-continue": (200, b'{"bytes":3}')}
 
 
 async def test_long_responses_are_not_cut_off(server: str) -> None:
