@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ._http import is_loopback_host, normalize_tokens
 from ._node_app import create_transport_app, node_lifespan
 from ._protocol import RuntimeLike
+from ._server_limits import ServerLimits, configure_hypercorn, limit_requests, uvicorn_options, uvicorn_protocol
 from ._tasks import spawn_detached
 
 __all__ = ["AppServer", "RuntimeTransport"]
@@ -58,10 +59,18 @@ class RuntimeTransport:
         heartbeat_interval: seconds between heartbeats (default: the backend's ttl / 3, else 10).
         graceful_timeout: seconds `stop()` lets in-flight requests finish.
         log_level: the server's log level.
+        limit_concurrency: connections served at once (uvicorn) or requests in flight (hypercorn); beyond it
+            a request is answered 503.
+        max_header_bytes: the largest request head (request line and header fields) accepted; a larger one is
+            answered 431 (or 400) and its connection closed.
+        read_timeout: seconds a client has to send a complete request head (from connecting, or from the first
+            byte of a request after the previous response), and the longest it may pause in the middle of a
+            request body; a connection past either is closed (hypercorn answers a stalled body 408 first).
         **app_options: passed to `create_transport_app` (`max_body_bytes`, `trusted_hosts`, ...).
 
     Raises:
-        ValueError: a blank token, an unknown server, or a non-loopback host without a token.
+        ValueError: a blank token, an unknown server, a non-loopback host without a token, or a limit that is
+            not a positive number.
     """
 
     def __init__(
@@ -81,6 +90,9 @@ class RuntimeTransport:
         heartbeat_interval: float | None = None,
         graceful_timeout: float = 5.0,
         log_level: str = "warning",
+        limit_concurrency: int = 2048,
+        max_header_bytes: int = 64 * 1024,
+        read_timeout: float = 10.0,
         **app_options: Any,
     ) -> None:
         tokens = normalize_tokens(auth_token)
@@ -114,6 +126,9 @@ class RuntimeTransport:
             graceful_timeout=graceful_timeout,
             log_level=log_level,
             name=f"node {node_id}",
+            limit_concurrency=limit_concurrency,
+            max_header_bytes=max_header_bytes,
+            read_timeout=read_timeout,
         )
         self._stack: AsyncExitStack | None = None
 
@@ -186,7 +201,29 @@ class AppServer:
     """Serve any ASGI app on a socket we bind ourselves, in the current event loop (asyncio or trio).
 
     Used by `RuntimeTransport` for a node and by the command line for a coordinator. `bind()` may be called
-    before `start()` so that an address in use fails before anything else starts.
+    before `start()` so that an address in use fails before anything else starts. Whichever server runs, it
+    enforces the same limits on sizes and times (SPEC 18; docs/server-limits.md).
+
+    Args:
+        app: the ASGI app to serve (it gets lifespan events).
+        host: interface to bind.
+        port: TCP port; 0 picks a free one (read it back from `.port` after `bind()`).
+        server: "uvicorn" (default on asyncio) or "hypercorn" (default, and the only choice, on trio).
+        ssl_certfile: TLS certificate file passed to the server.
+        ssl_keyfile: TLS key file passed to the server.
+        graceful_timeout: seconds `stop()` lets in-flight requests finish.
+        log_level: the server's log level.
+        name: what log messages and task names call this server.
+        limit_concurrency: connections served at once (uvicorn) or requests in flight (hypercorn); beyond it
+            a request is answered 503.
+        max_header_bytes: the largest request head (request line and header fields) accepted; a larger one is
+            answered 431 (or 400) and its connection closed.
+        read_timeout: seconds a client has to send a complete request head (from connecting, or from the first
+            byte of a request after the previous response), and the longest it may pause in the middle of a
+            request body; a connection past either is closed (hypercorn answers a stalled body 408 first).
+
+    Raises:
+        ValueError: an unknown server, half a TLS pair, or a limit that is not a positive number.
     """
 
     def __init__(
@@ -201,6 +238,9 @@ class AppServer:
         graceful_timeout: float = 5.0,
         log_level: str = "warning",
         name: str = "app",
+        limit_concurrency: int = 2048,
+        max_header_bytes: int = 64 * 1024,
+        read_timeout: float = 10.0,
     ) -> None:
         if server not in (None, "uvicorn", "hypercorn"):
             raise ValueError(f"server must be 'uvicorn' or 'hypercorn', not {server!r}")
@@ -214,6 +254,7 @@ class AppServer:
         self.graceful_timeout = graceful_timeout
         self.log_level = log_level
         self.name = name
+        self.limits = ServerLimits(limit_concurrency, max_header_bytes, read_timeout)
         self._requested_port = port
         self._sock: socket.socket | None = None
         self._runner: _ServerRunner | None = None
@@ -416,6 +457,8 @@ class _ServerRunner:
             ssl_certfile=t.ssl_certfile,
             ssl_keyfile=t.ssl_keyfile,
             timeout_graceful_shutdown=math.ceil(t.graceful_timeout),
+            http=uvicorn_protocol(t.limits),
+            **uvicorn_options(t.limits),
         )
         self._uvicorn = _Server(config)
         await self._uvicorn.serve(sockets=[self.sock])
@@ -430,6 +473,8 @@ class _ServerRunner:
         config.accesslog = None
         config.loglevel = t.log_level.upper()
         config.graceful_timeout = t.graceful_timeout
+        configure_hypercorn(config, t.limits)
+        app = limit_requests(app, t.limits)
         if t.ssl_certfile:
             config.certfile = t.ssl_certfile
             config.keyfile = t.ssl_keyfile
