@@ -6,6 +6,7 @@ Public classes are re-exported from the module a user meets them in (`client` fo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "NodeUnreachableError",
     "PromptiseASGIError",
     "QueueFullError",
+    "answer_error_text",
 ]
 
 
@@ -184,3 +186,25 @@ class EtcdUnavailableError(EtcdError):
         self.endpoint = ""
         self.endpoints = tuple(endpoints)
         self.reason = reason
+
+
+# An error page can be large (an HTML 502 from a proxy); keep exception messages readable.
+_MAX_MESSAGE_CHARS = 500
+
+
+def answer_error_text(content: bytes, status_code: int) -> str:
+    """The message of a failed answer from a node, a coordinator or etcd, for an exception.
+
+    The JSON `{"error": "..."}` text (etcd's `{"error": {"message": ...}}` too), else the start of the body,
+    else `HTTP <status>`; at most 500 characters.
+    """
+    try:
+        body = json.loads(content)
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        error = error.get("message", error)
+    message = str(error) if error is not None else content.decode("utf-8", "replace").strip()
+    message = message or f"HTTP {status_code}"
+    return message if len(message) <= _MAX_MESSAGE_CHARS else message[:_MAX_MESSAGE_CHARS] + "..."

@@ -11,9 +11,9 @@ import json
 import math
 import re
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import anyio
 
@@ -22,10 +22,16 @@ from ._errors import MetadataTooLargeError
 __all__ = [
     "NODE_ID_PATTERN",
     "NodeAddressRules",
+    "check_count",
+    "check_seconds",
     "clean_token",
+    "exposed_without_token",
+    "is_loopback_host",
     "metadata_size",
+    "normalize_tokens",
     "normalize_url",
-    "positive_number",
+    "parse_endpoints",
+    "redact_url",
     "validate_metadata",
     "validate_node_id",
 ]
@@ -43,18 +49,25 @@ def validate_node_id(node_id: object) -> str:
 
 def normalize_url(url: object) -> str:
     """Return an http(s) URL with a host and a valid port, trailing slashes stripped, else raise `ValueError`."""
+    return _http_url_parts(url).geturl().rstrip("/")
+
+
+def _http_url_parts(url: object) -> SplitResult:
+    """The parts of an http(s) URL with a host and a port in 1-65535 (explicit or the scheme's)."""
     if not isinstance(url, str):
         raise ValueError("url must be an http(s) URL")
-    parts = urlsplit(url.strip())
+    text = url.strip()
+    shown = text if len(text) <= 200 else text[:200] + "..."
+    parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("url must be an http(s) URL")
+        raise ValueError(f"url must be an http(s) URL with a host, got {shown!r}")
     try:
         port = parts.port
     except ValueError:
         port = 0
     if port == 0:
-        raise ValueError("url must be an http(s) URL with a port between 1 and 65535")
-    return url.strip().rstrip("/")
+        raise ValueError(f"url has an invalid port (1-65535): {shown!r}")
+    return parts
 
 
 def validate_metadata(metadata: object) -> dict[str, Any]:
@@ -86,11 +99,28 @@ def clean_token(token: object) -> str:
     return cleaned
 
 
-def positive_number(name: str, value: object) -> float:
-    """Return `value` as a float if it is a finite number > 0 (a bool is not a number), else raise ValueError."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+def check_seconds(name: str, value: object, *, zero_ok: bool = False) -> float:
+    """Return a duration as a float: a finite number > 0 (>= 0 with `zero_ok`); a bool is not a number.
+
+    Raises:
+        ValueError: naming `name`, for anything else.
+    """
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+        or (value == 0 and not zero_ok)
+    ):
+        raise ValueError(f"{name} must be a finite number of seconds {'>=' if zero_ok else '>'} 0, got {value!r}")
     return float(value)
+
+
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    """Return `value` if it is an integer >= `minimum` (a bool is not), else raise ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
 
 
 def metadata_size(metadata: Mapping[str, Any], limit: int) -> int:
@@ -177,23 +207,11 @@ class NodeAddressRules:
 
 
 def _node_url_parts(url: object) -> SplitResult:
-    if not isinstance(url, str):
-        raise ValueError("url must be an http(s) URL")
-    text = url.strip()
-    shown = text if len(text) <= 200 else text[:200] + "..."
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"url must be an http(s) URL with a host, got {shown!r}")
+    parts = _http_url_parts(url)
     if "@" in parts.netloc:
         raise ValueError("url must not contain user info (user:password@)")
-    if parts.query or parts.fragment or "?" in text or "#" in text:
+    if parts.query or parts.fragment or "?" in parts.geturl() or "#" in parts.geturl():
         raise ValueError("url must not have a query or a fragment")
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise ValueError(f"url has an invalid port (1-65535): {shown!r}")
     return parts
 
 
@@ -202,3 +220,77 @@ def _literal_address(host: str) -> IPAddress | None:
         return ipaddress.ip_address(host.partition("%")[0])
     except ValueError:
         return None
+
+
+def redact_url(url: str) -> str:
+    """`url` with the password of its user info hidden (`user:***@host`), for messages and reprs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    return urlunsplit(parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{hostport}"))
+
+
+def parse_endpoints(endpoints: str | Sequence[str], what: str = "etcd endpoint") -> tuple[str, ...]:
+    """Normalise a comma-separated string or a sequence of server URLs; a bare `host:port` means http.
+
+    Raises:
+        ValueError: naming `what` and the bad item (its password hidden), or when there is none.
+    """
+    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
+    parsed: list[str] = []
+    for item in items:
+        if isinstance(endpoints, str) and isinstance(item, str) and not item.strip():
+            continue  # "a,b," is a list of two
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"{what} must be a non-empty URL, got {item!r}")
+        text = item.strip()
+        # etcdctl accepts bare host:port, so a user coming from it will type that.
+        if "://" not in text:
+            text = "http://" + text
+        try:
+            parsed.append(normalize_url(text))
+        except ValueError:
+            raise ValueError(f"{what} must be an http(s) URL, got {redact_url(text)!r}") from None
+    if not parsed:
+        raise ValueError(f"at least one {what} is required")
+    return tuple(parsed)
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for `localhost`, 127.0.0.0/8 and ::1 (with or without brackets), and IPv4-mapped loopback."""
+    host = host.strip().lower().strip("[]")
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
+
+
+def normalize_tokens(auth_token: str | Sequence[str] | None) -> tuple[bytes, ...]:
+    """Validate `auth_token` (one string, several for rotation, or None) and return the tokens as bytes.
+
+    Surrounding whitespace is removed (a token read from a file or an environment variable often ends in a
+    newline; the presented credential is stripped too, so the two must match).
+
+    Raises:
+        ValueError: a token is blank or not printable ASCII, or the sequence is empty.
+    """
+    if auth_token is None:
+        return ()
+    tokens = [auth_token] if isinstance(auth_token, str) else list(auth_token)
+    if not tokens:
+        raise ValueError("auth_token must be a non-empty string, a non-empty list of them, or None")
+    return tuple(clean_token(t).encode() for t in tokens)
+
+
+def exposed_without_token(host: str, *, has_token: bool, allow_unauthenticated: bool) -> bool:
+    """The rule behind every refusal to bind: a non-loopback address without a token, unless the user opted out."""
+    return not has_token and not allow_unauthenticated and not is_loopback_host(host)

@@ -115,9 +115,10 @@ async def _wait_for_signal() -> None:
 
 
 async def _run_node(args: argparse.Namespace) -> None:
-    from ._registration import discovery_for
     from .config import resolve_settings
+    from .discovery import SupportsAclose
     from .transport import RuntimeTransport
+    from .transport._registration import discovery_for
 
     # Like uvicorn's --app-dir default: "module:function" handlers are importable from the current directory.
     if os.getcwd() not in sys.path:
@@ -131,7 +132,7 @@ async def _run_node(args: argparse.Namespace) -> None:
             "server": args.server,
             "coordinator_url": args.coordinator,
             "advertise_url": args.advertise_url,
-            "etcd": [url.strip() for url in args.etcd.split(",") if url.strip()] if args.etcd else None,
+            "etcd": args.etcd,
         },
     )
     runtime = await settings.build_runtime()
@@ -156,7 +157,7 @@ async def _run_node(args: argparse.Namespace) -> None:
             print(f"node {settings.node_id} serving {len(settings.processes)} processes on {transport.url}", flush=True)
             await _wait_for_signal()
     finally:
-        if discovery is not None:
+        if isinstance(discovery, SupportsAclose):
             await discovery.aclose()
 
 
@@ -170,24 +171,22 @@ def _node_token() -> str | None:
 
 
 async def _run_coordinator(args: argparse.Namespace) -> None:
-    from ._http import is_loopback_host
     from ._server import AppServer
+    from ._validation import exposed_without_token
     from .coordinator import RuntimeCoordinator, create_coordinator_app
-    from .discovery import RegistryDiscovery
+    from .discovery import ProcessDiscovery, RegistryDiscovery, SupportsAclose
 
     token = _coordinator_token()
-    if not token and not args.allow_unauthenticated and not is_loopback_host(args.host):
+    if exposed_without_token(args.host, has_token=bool(token), allow_unauthenticated=args.allow_unauthenticated):
         raise CommandError(
             f"refusing to bind {args.host!r} without a token: set PROMPTISE_AUTH_TOKEN, bind 127.0.0.1, "
             "or pass --allow-unauthenticated if a proxy or private network protects the port"
         )
-    discovery: Any
+    discovery: ProcessDiscovery
     if args.etcd:
-        from ._validation import normalize_url
         from .etcd import EtcdDiscovery
 
-        endpoints = [normalize_url(url) for url in args.etcd.split(",") if url.strip()]
-        discovery = EtcdDiscovery(endpoints, ttl=args.ttl)
+        discovery = EtcdDiscovery(args.etcd, ttl=args.ttl)
     else:
         discovery = RegistryDiscovery(ttl=args.ttl)
     coordinator = RuntimeCoordinator(
@@ -209,7 +208,7 @@ async def _run_coordinator(args: argparse.Namespace) -> None:
             finally:
                 await server.stop()
     finally:
-        if hasattr(discovery, "aclose"):
+        if isinstance(discovery, SupportsAclose):
             await discovery.aclose()
 
 

@@ -8,36 +8,24 @@ URL layout and nothing of the runtime, the transport app, Starlette or discovery
 from __future__ import annotations
 
 import contextlib
-import math
 from json import loads as json_loads
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
 import anyio
 import httpx
 
-from promptise_asgi._errors import NodeError, NodeResponseTooLargeError, NodeTimeoutError, NodeUnreachableError
-from promptise_asgi._validation import clean_token, normalize_url
+from ._errors import NodeError, NodeResponseTooLargeError, NodeTimeoutError, NodeUnreachableError, answer_error_text
+from ._validation import check_count, check_seconds, clean_token, normalize_url, redact_url
 
 __all__ = ["NodeClient", "NodeError", "NodeResponseTooLargeError", "NodeTimeoutError", "NodeUnreachableError"]
-
-# An error page can be large (an HTML 502 from a proxy); keep exception messages readable.
-_MAX_MESSAGE_CHARS = 500
 
 
 def _check_token(auth_token: str | None) -> dict[str, str]:
     if auth_token is None:
         return {}
     return {"Authorization": f"Bearer {clean_token(auth_token)}"}
-
-
-def _check_timeout(timeout: float) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout):
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
-    if timeout <= 0:
-        raise ValueError(f"timeout must be a finite number of seconds > 0, got {timeout!r}")
-    return float(timeout)
 
 
 def _check_base_url(url: str) -> str:
@@ -48,16 +36,6 @@ def _check_base_url(url: str) -> str:
     return base
 
 
-def _redacted(url: str) -> str:
-    # A password in the URL's userinfo would otherwise leak into reprs and exception messages.
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    userinfo, _, hostport = parts.netloc.rpartition("@")
-    user = userinfo.partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{hostport}"))
-
-
 def _segment(name: str) -> str:
     if not isinstance(name, str) or not name:
         raise ValueError("process name must be a non-empty string")
@@ -66,21 +44,6 @@ def _segment(name: str) -> str:
     if segment in (".", ".."):
         segment = segment.replace(".", "%2E")
     return segment
-
-
-def _error_message(response: httpx.Response, content: bytes) -> str:
-    try:
-        body = json_loads(content)
-    except ValueError:
-        body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), str):
-        message: str = body["error"]
-    else:
-        message = content.decode(response.encoding or "utf-8", "replace").strip() or response.reason_phrase
-        message = message or "no message"
-    if len(message) > _MAX_MESSAGE_CHARS:
-        message = message[:_MAX_MESSAGE_CHARS] + "..."
-    return message
 
 
 def _reason(exc: Exception) -> str:
@@ -176,15 +139,13 @@ class NodeClient:
         return self
 
     def _setup(self, url: str, timeout: float, has_token: bool, max_response_bytes: int | None) -> None:
-        if max_response_bytes is not None and (
-            isinstance(max_response_bytes, bool) or not isinstance(max_response_bytes, int) or max_response_bytes < 1
-        ):
-            raise ValueError(f"max_response_bytes must be an integer >= 1 or None, got {max_response_bytes!r}")
+        if max_response_bytes is not None:
+            check_count("max_response_bytes", max_response_bytes)
         self._max_response_bytes = max_response_bytes
         self._has_token = has_token
         self._base = _check_base_url(url)
-        self._display = _redacted(self._base)
-        self._timeout = _check_timeout(timeout)
+        self._display = redact_url(self._base)
+        self._timeout = check_seconds("timeout", timeout)
         self._httpx_timeout = httpx.Timeout(self._timeout)
 
     @property
@@ -243,7 +204,7 @@ class NodeClient:
             raise NodeTimeoutError(shown, f"no complete answer within {self._timeout}s")
         response, content = answer
         if not response.is_success:
-            raise NodeError(response.status_code, _error_message(response, content), shown)
+            raise NodeError(response.status_code, answer_error_text(content, response.status_code), shown)
         if not content:
             return response.status_code, None, shown
         try:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError
-from ._runtime_models import resolve_handler
-from ._validation import clean_token, normalize_url, validate_node_id
+from ._validation import check_seconds, clean_token, normalize_url, parse_endpoints, validate_node_id
 from .runtime import AgentRuntime, ProcessConfig, TriggerConfig, TriggerEvent
+from .runtime._models import resolve_handler
 
 __all__ = ["ConfigError", "NodeSettings", "ProcessSpec", "demo_settings", "load_settings", "resolve_settings"]
 
@@ -156,9 +156,7 @@ def _apply_node(settings: NodeSettings, node: Mapping[str, Any]) -> None:
     if "port" in node:
         settings.port = _checked_port(node["port"])
     if "heartbeat_interval" in node:
-        settings.heartbeat_interval = float(node["heartbeat_interval"])
-        if settings.heartbeat_interval <= 0:
-            raise ValueError("field 'heartbeat_interval' must be > 0")
+        settings.heartbeat_interval = check_seconds("field 'heartbeat_interval'", node["heartbeat_interval"])
     if "etcd" in node:
         settings.etcd = _split_endpoints(node["etcd"])
     if "max_body_bytes" in node:
@@ -203,14 +201,12 @@ def _checked_port(value: int) -> int:
 
 
 def _split_endpoints(value: str | list[Any]) -> list[str]:
-    items = value.split(",") if isinstance(value, str) else value
-    endpoints = []
-    for item in items:
-        try:
-            endpoints.append(normalize_url(item))
-        except ValueError:
-            raise ValueError(f"field 'etcd' must list http(s) URLs, not {item!r}") from None
-    return endpoints
+    if not value:
+        return []  # no etcd: the node registers with a coordinator, or not at all
+    try:
+        return list(parse_endpoints(value))
+    except ValueError as exc:
+        raise ValueError(f"field 'etcd': {exc}") from None
 
 
 def _split_names(value: str | list[Any]) -> list[str]:

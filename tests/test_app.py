@@ -15,7 +15,7 @@ import pytest
 from support import free_port, lifespan, serve, wait_healthy
 
 import promptise_asgi
-from promptise_asgi._app import NodeApp
+from promptise_asgi._module_app import NodeApp
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE = ROOT / "examples" / "promptise.toml"
@@ -33,7 +33,7 @@ async def test_builds_from_config_file(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PROMPTISE_AUTH_TOKEN", "tok")
     app = NodeApp()
     async with lifespan(app) as started:
-        assert started["type"] == "lifespan.startup.complete"
+        assert started["type"] == "lifespan.startup.complete", started
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             assert (await client.get("/health")).json() == {

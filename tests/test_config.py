@@ -175,7 +175,7 @@ def test_etcd_flag_overrides_and_is_validated(tmp_path: Path) -> None:
     settings = resolve_settings(path, environ={}, overrides={"etcd": ["http://10.0.0.1:2379/", "http://10.0.0.2:2379"]})
     assert settings.etcd == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
     with pytest.raises(ConfigError, match="etcd"):
-        resolve_settings(path, environ={}, overrides={"etcd": ["nope"]})
+        resolve_settings(path, environ={}, overrides={"etcd": ["ftp://10.0.0.1:2379"]})
 
 
 def test_token_from_the_environment_loses_its_newline(tmp_path: Path) -> None:

@@ -137,7 +137,7 @@ def refusing_transport() -> httpx.MockTransport:
     ("kwargs", "message"),
     [
         ({"endpoints": []}, "at least one etcd endpoint"),
-        ({"endpoints": ""}, "non-empty URL"),
+        ({"endpoints": ""}, "at least one etcd endpoint"),
         ({"endpoints": "ftp://h:1"}, "http(s) URL"),
         ({"endpoints": ["http://h:1", 7]}, "non-empty URL"),
         ({"endpoints": "h:1", "prefix": ""}, "prefix"),
@@ -159,12 +159,12 @@ async def test_settings_are_normalised_and_repr_hides_credentials() -> None:
         ttl=1.5,
         transport=refusing_transport(),
     ) as discovery:
-        assert discovery.endpoints == ("http://etcd-a:2379", "https://etcd-b:2379", "http://etcd-c")
+        assert discovery.endpoints == ("http://user:***@etcd-a:2379", "https://etcd-b:2379", "http://u:***@etcd-c")
         assert discovery.prefix == "/p/"
         assert discovery.ttl == 2
         assert "secret" not in repr(discovery)
         assert repr(discovery) == (
-            "EtcdDiscovery(endpoints=['http://etcd-a:2379', 'https://etcd-b:2379', 'http://etcd-c'],"
+            "EtcdDiscovery(endpoints=['http://user:***@etcd-a:2379', 'https://etcd-b:2379', 'http://u:***@etcd-c'],"
             " prefix='/p/', ttl=2)"
         )
         assert isinstance(discovery, ProcessDiscovery)
@@ -242,7 +242,7 @@ async def test_every_endpoint_down_names_them_all() -> None:
     async with EtcdDiscovery("a:1,user:pw@b:1,c:1", transport=scripted_transport(answers, calls)) as discovery:
         with pytest.raises(EtcdUnavailableError) as caught:
             await discovery.discover()
-    assert caught.value.endpoints == ("http://a:1", "http://b:1", "http://c:1")
+    assert caught.value.endpoints == ("http://a:1", "http://user:***@b:1", "http://c:1")
     assert "http://a:1" in str(caught.value)
     assert "HTTP 503: unavailable" in str(caught.value)
     assert "pw" not in str(caught.value)

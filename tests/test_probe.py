@@ -13,8 +13,8 @@ import pytest
 import trustme
 from anyio.abc import SocketStream
 
-from promptise_asgi._probe import HealthProbe
 from promptise_asgi.client import NodeError, NodeTimeoutError, NodeUnreachableError
+from promptise_asgi.coordinator._probe import HealthProbe
 from promptise_asgi.runtime import AgentRuntime, ProcessConfig
 from promptise_asgi.transport import RuntimeTransport
 

@@ -25,8 +25,8 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from promptise_asgi import _promptise_compat as compat
 from promptise_asgi._errors import QueueFullError
+from promptise_asgi.transport import _promptise as compat
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "promptise_mount.py"
@@ -529,6 +529,6 @@ class TestOverRealPromptise:
         assert f"```python\n{EXAMPLE.read_text(encoding='utf-8')}```" in page, "the docs' example differs from the file"
 
     def test_compat_module_does_not_import_promptise(self) -> None:
-        code = "import sys, promptise_asgi._promptise_compat; print('promptise' in sys.modules)"
+        code = "import sys, promptise_asgi.transport._promptise; print('promptise' in sys.modules)"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         assert result.stdout.strip() == "False"

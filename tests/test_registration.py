@@ -8,10 +8,10 @@ from typing import Any
 import anyio
 import pytest
 
-from promptise_asgi._registration import SelfRegistration, discovery_for, registration_for
 from promptise_asgi.config import ConfigError, NodeSettings
 from promptise_asgi.discovery import CoordinatorDiscovery, RegistryDiscovery
 from promptise_asgi.etcd import EtcdDiscovery
+from promptise_asgi.transport._registration import SelfRegistration, discovery_for, registration_for
 
 
 class FlakyBackend:

@@ -18,7 +18,6 @@ import handlers_for_tests
 import pytest
 
 from promptise_asgi import _errors, runtime
-from promptise_asgi._protocol import ProcessLike, RuntimeLike
 from promptise_asgi.runtime import (
     AgentProcess,
     AgentRuntime,
@@ -28,6 +27,7 @@ from promptise_asgi.runtime import (
     TriggerConfig,
     TriggerEvent,
 )
+from promptise_asgi.transport._shape import ProcessLike, RuntimeLike
 
 WAIT = 20.0  # generous: "it eventually happens" must hold on a loaded 2-core machine
 
@@ -661,7 +661,7 @@ async def test_cron_trigger_fires_on_schedule_from_the_wall_clock() -> None:
 
 
 async def test_cron_trigger_follows_a_wall_clock_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime, "CRON_MAX_SLEEP", 0.01)
+    monkeypatch.setattr(runtime._process, "CRON_MAX_SLEEP", 0.01)
     done = anyio.Event()
 
     async def handler(event: TriggerEvent) -> None:

@@ -22,8 +22,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from support import dead_url, free_port, lifespan, non_loopback_address, serve, wait_healthy
 
-from promptise_asgi._app import NodeApp
 from promptise_asgi._http import RequestGuard
+from promptise_asgi._module_app import NodeApp
 from promptise_asgi.client import NodeClient, NodeResponseTooLargeError
 from promptise_asgi.coordinator import RuntimeCoordinator, create_coordinator_app
 from promptise_asgi.discovery import DiscoveredNode, RegistryDiscovery

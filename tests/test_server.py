@@ -207,7 +207,7 @@ async def test_uvicorn_under_trio_is_refused_clearly() -> None:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
 async def test_a_server_that_dies_after_app_startup_is_a_failed_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    from promptise_asgi import _server
+    from promptise_asgi._server import _runner as _server
 
     async def dies_after_startup(self: Any, app: Any) -> None:
         self.ready.set()  # the app's lifespan completed...

@@ -390,7 +390,7 @@ async def test_uvicorn_internals_the_limits_rely_on(impl: str, monkeypatch: pyte
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     from uvicorn.server import ServerState
 
-    from promptise_asgi._server_limits import ServerLimits, uvicorn_protocol
+    from promptise_asgi._server._limits import ServerLimits, uvicorn_protocol
 
     base = {"httptools": HttpToolsProtocol, "h11": H11Protocol}[impl]
     if impl == "h11":

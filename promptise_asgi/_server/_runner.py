@@ -1,200 +1,38 @@
-"""`RuntimeTransport`: serve a node app in-process with uvicorn (asyncio) or hypercorn (asyncio or trio).
+"""`AppServer`: serve any ASGI app in-process with uvicorn (asyncio) or hypercorn (asyncio or trio).
 
 We bind the listening socket ourselves, so a port in use is a plain `OSError` raised by `start()` and
 `port=0` reports the port the kernel chose, then hand that socket to the server. The server never installs
-signal handlers: the host program owns SIGINT/SIGTERM. Knows servers and sockets, not the HTTP API.
+signal handlers: the host program owns SIGINT/SIGTERM. Knows servers and sockets, not the apps served.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import socket
 import ssl
-from collections.abc import Sequence
-from contextlib import AsyncExitStack
-from types import TracebackType
 from typing import Any, Literal
 
 import anyio
 import sniffio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._http import is_loopback_host, normalize_tokens
-from ._node_app import create_transport_app, node_lifespan
-from ._protocol import RuntimeLike
-from ._server_limits import ServerLimits, configure_hypercorn, limit_requests, uvicorn_options, uvicorn_protocol
-from ._tasks import spawn_detached
+from .._detached import spawn_detached
+from ._limits import ServerLimits, configure_hypercorn, limit_requests, uvicorn_options, uvicorn_protocol
 
-__all__ = ["AppServer", "RuntimeTransport"]
-
-logger = logging.getLogger("promptise_asgi.transport")
+__all__ = ["AppServer", "ServerName", "reachable_host"]
 
 ServerName = Literal["uvicorn", "hypercorn"]
 
+_WILDCARDS = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+
+
+def reachable_host(host: str) -> str:
+    """The address to connect to a server bound to `host` from this machine (loopback for a wildcard)."""
+    return _WILDCARDS.get(host, host)
+
+
 READY_TIMEOUT = 30.0
-
-
-class RuntimeTransport:
-    """Serve a runtime's node API on a socket, in the current event loop.
-
-    Example::
-
-        async with RuntimeTransport(runtime, port=9100, node_id="node-1"):
-            ...  # the node answers on http://127.0.0.1:9100
-
-    Args:
-        runtime: the runtime to serve (started by `start()`, stopped by `stop()`).
-        host: interface to bind. A non-loopback host needs `auth_token` or `allow_unauthenticated=True`.
-        port: TCP port; 0 picks a free one (read it back from `.port` after `start()`).
-        node_id: the id this node reports (and registers under, with `discovery`).
-        auth_token: bearer token(s) required on every route but the probes.
-        allow_unauthenticated: permit a non-loopback bind with no token, and drop the loopback guard.
-        server: "uvicorn" (default on asyncio) or "hypercorn" (default, and the only choice, on trio).
-        ssl_certfile: TLS certificate file passed to the server.
-        ssl_keyfile: TLS key file passed to the server.
-        discovery: a `ProcessDiscovery` to register this node with while it runs.
-        advertise_url: the URL other machines reach this node at (default: `.url`).
-        heartbeat_interval: seconds between heartbeats (default: the backend's ttl / 3, else 10).
-        graceful_timeout: seconds `stop()` lets in-flight requests finish.
-        log_level: the server's log level.
-        limit_concurrency: connections served at once (uvicorn) or requests in flight (hypercorn); beyond it
-            a request is answered 503.
-        max_header_bytes: the largest request head (request line and header fields) accepted; a larger one is
-            answered 431 (or 400) and its connection closed.
-        read_timeout: seconds a client has to send a complete request head (from connecting, or from the first
-            byte of a request after the previous response), and the longest it may pause in the middle of a
-            request body; a connection past either is closed (hypercorn answers a stalled body 408 first).
-        **app_options: passed to `create_transport_app` (`max_body_bytes`, `trusted_hosts`, ...).
-
-    Raises:
-        ValueError: a blank token, an unknown server, a non-loopback host without a token, or a limit that is
-            not a positive number.
-    """
-
-    def __init__(
-        self,
-        runtime: RuntimeLike,
-        host: str = "127.0.0.1",
-        port: int = 9100,
-        node_id: str = "node-1",
-        *,
-        auth_token: str | Sequence[str] | None = None,
-        allow_unauthenticated: bool = False,
-        server: ServerName | None = None,
-        ssl_certfile: str | None = None,
-        ssl_keyfile: str | None = None,
-        discovery: Any = None,
-        advertise_url: str | None = None,
-        heartbeat_interval: float | None = None,
-        graceful_timeout: float = 5.0,
-        log_level: str = "warning",
-        limit_concurrency: int = 2048,
-        max_header_bytes: int = 64 * 1024,
-        read_timeout: float = 10.0,
-        **app_options: Any,
-    ) -> None:
-        tokens = normalize_tokens(auth_token)
-        if not tokens and not allow_unauthenticated and not is_loopback_host(host):
-            raise ValueError(
-                f"RuntimeTransport {node_id}: refusing to bind {host!r} without auth_token: anyone who can "
-                "reach the port could start, stop and drive this runtime's agents. Pass auth_token=..., "
-                "bind 127.0.0.1, or set allow_unauthenticated=True if an authenticating proxy or private "
-                "network protects the port."
-            )
-        self.runtime = runtime
-        self.host = host
-        self.node_id = node_id
-        self.discovery = discovery
-        self.advertise_url = advertise_url
-        self.heartbeat_interval = heartbeat_interval
-        self.app = create_transport_app(
-            runtime,
-            node_id,
-            auth_token=auth_token,
-            allow_unauthenticated=allow_unauthenticated,
-            **app_options,
-        )
-        self._server = AppServer(
-            self.app,
-            host,
-            port,
-            server=server,
-            ssl_certfile=ssl_certfile,
-            ssl_keyfile=ssl_keyfile,
-            graceful_timeout=graceful_timeout,
-            log_level=log_level,
-            name=f"node {node_id}",
-            limit_concurrency=limit_concurrency,
-            max_header_bytes=max_header_bytes,
-            read_timeout=read_timeout,
-        )
-        self._stack: AsyncExitStack | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port while running; the requested port otherwise."""
-        return self._server.port
-
-    @property
-    def url(self) -> str:
-        """The base URL of this node (loopback form when bound to a wildcard address)."""
-        return self._server.url
-
-    @property
-    def running(self) -> bool:
-        """True between a successful `start()` and `stop()`."""
-        return self._stack is not None
-
-    def __repr__(self) -> str:
-        return f"RuntimeTransport(node={self.node_id!r}, url={self.url!r}, running={self.running})"
-
-    async def start(self) -> None:
-        """Bind, start the runtime, start the server, and return once it accepts requests.
-
-        Raises:
-            OSError: the address could not be bound (for example, the port is in use).
-            RuntimeError: already running, the server failed to start, or uvicorn was asked for under trio.
-        """
-        if self._stack is not None:
-            raise RuntimeError(f"{self!r} is already running")
-        self._server.check_backend()
-        self._server.bind()  # before the runtime starts: a port in use must leave nothing running
-        async with AsyncExitStack() as stack:
-            stack.callback(self._server.close)
-            await stack.enter_async_context(node_lifespan(self.app))
-            await self._server.start()
-            stack.push_async_callback(self._server.stop)
-            if self.discovery is not None:
-                from ._registration import SelfRegistration
-
-                registration = SelfRegistration(
-                    self.discovery,
-                    self.node_id,
-                    self.advertise_url or self.url,
-                    interval=self.heartbeat_interval,
-                )
-                await registration.start()
-                stack.push_async_callback(registration.stop)
-            self._stack = stack.pop_all()
-        logger.info("node %s serving on %s", self.node_id, self.url)
-
-    async def stop(self) -> None:
-        """Unregister, stop accepting, let in-flight requests finish, then drain and stop the runtime."""
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            self.app.state.node.phase = "draining"
-            await stack.aclose()
-
-    async def __aenter__(self) -> RuntimeTransport:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
 
 class AppServer:
@@ -267,11 +105,7 @@ class AppServer:
     @property
     def url(self) -> str:
         """The base URL (loopback form when bound to a wildcard address)."""
-        host = self.host
-        if host in ("0.0.0.0", ""):
-            host = "127.0.0.1"
-        elif host == "::":
-            host = "::1"
+        host = reachable_host(self.host)
         if ":" in host:
             host = f"[{host}]"
         scheme = "https" if self.ssl_certfile else "http"
@@ -405,7 +239,7 @@ class _ServerRunner:
 
     async def _first_answer(self) -> None:
         t = self.transport
-        host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(t.host, t.host)
+        host = reachable_host(t.host)
         port = self.sock.getsockname()[1]
         stream: anyio.abc.ByteStream
         if t.ssl_certfile:

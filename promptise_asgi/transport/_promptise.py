@@ -18,8 +18,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._errors import QueueFullError
-from ._protocol import RuntimeLike
+from .._errors import QueueFullError
+from ._shape import RuntimeLike
 
 __all__ = [
     "event_id_of",

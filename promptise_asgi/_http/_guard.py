@@ -1,171 +1,21 @@
-"""HTTP plumbing shared by the node app and the coordinator app.
+"""`RequestGuard`: who may call which route of a node or coordinator app.
 
-The JSON response class, the one place where exceptions become `{"error": ...}` answers, bounded body
-reading, and the request guard (bearer tokens and their scopes; without a token, loopback peers only).
-Knows Starlette, not the runtime.
+Bearer tokens and the scopes they grant; without a token, loopback peers only (and loopback `Host`/`Origin`).
+Knows Starlette's ASGI types, nothing of the routes behind it.
 """
 
 from __future__ import annotations
 
 import hmac
-import ipaddress
-import logging
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Collection, Iterable, Mapping
 
-import orjson
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, ExceptionHandler, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._validation import clean_token
+from .._validation import is_loopback_host
+from ._responses import error_response
 
-__all__ = [
-    "CONTROL",
-    "NODE",
-    "ONLY_CONTROL",
-    "PROBE_PATHS",
-    "EventBody",
-    "JSONResponse",
-    "RequestGuard",
-    "Scopes",
-    "dumps",
-    "error_response",
-    "exception_handlers",
-    "is_loopback_host",
-    "normalize_tokens",
-    "parse_event_body",
-    "read_json_object",
-    "response_for_exception",
-]
-
-logger = logging.getLogger("promptise_asgi.http")
-
-_LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
-
-
-_ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
-
-
-def dumps(content: Any) -> bytes:
-    """Encode `content` as compact UTF-8 JSON (orjson: several times faster than `json` on every answer).
-
-    NaN and infinities become `null`; objects JSON does not know (a foreign runtime's status may hold some)
-    are written as their `str()` rather than failing the whole answer.
-    """
-    return orjson.dumps(content, default=str, option=_ORJSON_OPTIONS)
-
-
-class JSONResponse(Response):
-    """A compact JSON response (`application/json`)."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return dumps(content)
-
-
-def error_response(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    """Return the error body every route uses: `{"error": message}`."""
-    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
-
-
-def response_for_exception(exc: Exception) -> Response:
-    """The one mapping from an exception raised while serving to the JSON answer the client gets.
-
-    An `HTTPException` keeps its status, message and headers; anything else is a bare 500: the client learns
-    that something failed, never how (the server log has the traceback).
-    """
-    if isinstance(exc, HTTPException):
-        return error_response(exc.status_code, str(exc.detail), exc.headers)
-    return error_response(500, "Internal server error")
-
-
-async def _handle(request: Request, exc: Exception) -> Response:
-    return response_for_exception(exc)
-
-
-def exception_handlers() -> dict[Any, ExceptionHandler]:
-    """Starlette exception handlers that turn every failure into a JSON error body."""
-    return {HTTPException: _handle, Exception: _handle}
-
-
-async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
-    """Read the request body as a JSON object, refusing more than `max_bytes` while streaming.
-
-    Raises:
-        HTTPException: 413 past the limit, 400 for a body that is not JSON or not an object.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise HTTPException(413, f"Body larger than {max_bytes} bytes")
-    # Read the ASGI messages directly: cheaper than Request.stream() on the hot event path, and it stops at
-    # the first chunk past the limit instead of reading the rest.
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await request.receive()
-        if message["type"] != "http.request":
-            raise ClientDisconnect()
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > max_bytes:
-            raise HTTPException(413, f"Body larger than {max_bytes} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    try:
-        data = orjson.loads(b"".join(chunks))
-    except orjson.JSONDecodeError:  # also raised for bytes that are not UTF-8
-        raise HTTPException(400, "Invalid JSON body") from None
-    if not isinstance(data, dict):
-        raise HTTPException(400, "Body must be a JSON object")
-    return data
-
-
-@dataclass(frozen=True, slots=True)
-class EventBody:
-    """The fields of an event body (SPEC 3), validated, with their defaults filled in."""
-
-    trigger_id: str
-    trigger_type: str
-    payload: dict[str, Any]
-    metadata: dict[str, Any]
-
-
-def parse_event_body(body: dict[str, Any]) -> EventBody:
-    """Validate an event body in the SPEC's order: payload, metadata, then the trigger fields.
-
-    Every key is optional: `payload`/`metadata` default to `{}`, `trigger_id`/`trigger_type` to `"remote"`
-    (also when empty); numbers and booleans given as trigger fields become text.
-
-    Raises:
-        HTTPException: 400 naming the field that is not a JSON object (or not text).
-    """
-    payload = _object_field(body, "payload")
-    metadata = _object_field(body, "metadata")
-    return EventBody(_text_field(body, "trigger_id"), _text_field(body, "trigger_type"), payload, metadata)
-
-
-def _object_field(body: dict[str, Any], key: str) -> dict[str, Any]:
-    value = body.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise HTTPException(400, f"{key} must be a JSON object")
-    return value
-
-
-def _text_field(body: dict[str, Any], key: str) -> str:
-    value = body.get(key)
-    if value is None or value == "":
-        return "remote"
-    if isinstance(value, dict | list):
-        raise HTTPException(400, f"{key} must be a string")
-    return str(value)
-
+__all__ = ["CONTROL", "NODE", "ONLY_CONTROL", "PROBE_PATHS", "RequestGuard", "ScopeRule", "Scopes", "route_path"]
 
 PROBE_PATHS = ("/health", "/livez", "/readyz")
 
@@ -179,37 +29,6 @@ ScopeRule = Callable[[str, str], Scopes]
 # Longest Host/Origin/peer value whose verdict is remembered: a guard must not be a place to park memory.
 _MAX_CACHED_VALUE = 256
 _MAX_CACHED_VERDICTS = 1024
-
-
-def normalize_tokens(auth_token: str | Sequence[str] | None) -> tuple[bytes, ...]:
-    """Validate `auth_token` (one string, several for rotation, or None) and return the tokens as bytes.
-
-    Surrounding whitespace is removed (a token read from a file or an environment variable often ends in a
-    newline; the presented credential is stripped too, so the two must match).
-
-    Raises:
-        ValueError: a token is blank or not printable ASCII, or the sequence is empty.
-    """
-    if auth_token is None:
-        return ()
-    tokens = [auth_token] if isinstance(auth_token, str) else list(auth_token)
-    if not tokens:
-        raise ValueError("auth_token must be a non-empty string, a non-empty list of them, or None")
-    return tuple(clean_token(t).encode() for t in tokens)
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for `localhost`, 127.0.0.0/8 and ::1 (with or without brackets), and IPv4-mapped loopback."""
-    host = host.strip().lower().strip("[]")
-    if host in _LOOPBACK_NAMES:
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped.is_loopback
-    return address.is_loopback
 
 
 def _host_of_header(value: str) -> str:
@@ -311,7 +130,7 @@ class RequestGuard:
 
     def refusal(self, scope: Scope) -> Response | None:
         """Return the answer refusing this HTTP request, or None when it may proceed."""
-        path = _route_path(scope)
+        path = route_path(scope)
         if path in self.open_paths:
             return None
         accepted = ONLY_CONTROL if self._scopes_for is None else self._scopes_for(scope["method"], path)
@@ -375,7 +194,8 @@ def _forbidden_message(presented: Scopes, accepted: Scopes) -> str:
     return "Forbidden: this token does not allow this request"
 
 
-def _route_path(scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
+    """The request's path below the app's mount point (`root_path`)."""
     path: str = scope["path"]
     root_path: str = scope.get("root_path", "")
     if root_path and path.startswith(root_path):

@@ -7,7 +7,7 @@ import logging
 import anyio
 import pytest
 
-from promptise_asgi._tasks import spawn_detached
+from promptise_asgi._detached import spawn_detached
 
 
 async def test_outlives_the_caller_and_logs_a_failure(caplog: pytest.LogCaptureFixture) -> None:

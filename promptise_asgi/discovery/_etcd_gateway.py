@@ -10,14 +10,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from ._errors import EtcdError, EtcdUnavailableError
-from ._validation import normalize_url
+from .._errors import EtcdError, EtcdUnavailableError, answer_error_text
+from .._validation import redact_url
 
 __all__ = [
     "LEASE_NOT_FOUND",
@@ -26,9 +25,7 @@ __all__ = [
     "EtcdUnavailableError",
     "b64",
     "close_stream",
-    "parse_endpoints",
     "prefix_range_end",
-    "redact",
     "watch_message",
 ]
 
@@ -50,37 +47,6 @@ def prefix_range_end(prefix: bytes) -> bytes:
     return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
-def redact(url: str) -> str:
-    """`url` without any user:password part, for messages and repr."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def parse_endpoints(endpoints: str | Sequence[str]) -> tuple[str, ...]:
-    """Normalise a comma-separated string or a sequence of etcd URLs; raise `ValueError` naming a bad one."""
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
-    parsed: list[str] = []
-    for item in items:
-        if not isinstance(item, str) or not item.strip():
-            raise ValueError(f"etcd endpoint must be a non-empty URL, got {item!r}")
-        text = item.strip()
-        # etcdctl accepts bare host:port, so a user coming from it will type that.
-        if "://" not in text:
-            text = "http://" + text
-        try:
-            parsed.append(normalize_url(text))
-        except ValueError:
-            raise ValueError(f"etcd endpoint must be an http(s) URL, got {redact(text)!r}") from None
-    if not parsed:
-        raise ValueError("at least one etcd endpoint is required")
-    return tuple(parsed)
-
-
 class EtcdGateway:
     """One httpx pool to a list of etcd endpoints; requests go to the one that last answered, then the others.
 
@@ -100,8 +66,8 @@ class EtcdGateway:
 
     @property
     def endpoints(self) -> tuple[str, ...]:
-        """The endpoints, credentials removed."""
-        return tuple(redact(e) for e in self._endpoints)
+        """The endpoints, passwords hidden."""
+        return tuple(redact_url(e) for e in self._endpoints)
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -124,13 +90,13 @@ class EtcdGateway:
             try:
                 response = await self._client.post(endpoint + path, json=body)
             except httpx.TransportError as exc:
-                failures.append(f"{redact(endpoint)}: {type(exc).__name__} {exc}".rstrip())
+                failures.append(f"{redact_url(endpoint)}: {type(exc).__name__} {exc}".rstrip())
                 continue
             if response.status_code in _RETRY_ON_NEXT_ENDPOINT:
-                failures.append(f"{redact(endpoint)}: {error_text(response)}")
+                failures.append(f"{redact_url(endpoint)}: {error_text(response)}")
                 continue
             self._preferred = index
-            return decode(response, redact(endpoint))
+            return decode(response, redact_url(endpoint))
         raise EtcdUnavailableError(self.endpoints, "; ".join(failures))
 
     async def open_stream(self, path: str, body: dict[str, Any]) -> httpx.Response:
@@ -148,11 +114,11 @@ class EtcdGateway:
             try:
                 response = await self._client.send(request, stream=True)
             except httpx.TransportError as exc:
-                failures.append(f"{redact(endpoint)}: {type(exc).__name__} {exc}".rstrip())
+                failures.append(f"{redact_url(endpoint)}: {type(exc).__name__} {exc}".rstrip())
                 continue
             if response.is_error:
                 await response.aread()
-                failures.append(f"{redact(endpoint)}: {error_text(response)}")
+                failures.append(f"{redact_url(endpoint)}: {error_text(response)}")
                 await response.aclose()
                 continue
             self._preferred = index
@@ -175,17 +141,7 @@ async def close_stream(lines: AsyncIterator[str] | None, response: httpx.Respons
 
 def error_text(response: httpx.Response) -> str:
     """etcd's own error message from a failed answer, else the status and the start of the body."""
-    try:
-        body = response.json()
-    except ValueError:
-        return f"HTTP {response.status_code}: {response.text[:200]}"
-    if isinstance(body, dict):
-        error = body.get("error")
-        if isinstance(error, dict):  # errors inside a stream are objects
-            return str(error.get("message", error))
-        if error is not None:
-            return str(body.get("message") or error)
-    return f"HTTP {response.status_code}: {response.text[:200]}"
+    return f"HTTP {response.status_code}: {answer_error_text(response.content, response.status_code)}"
 
 
 def decode(response: httpx.Response, endpoint: str) -> dict[str, Any]:

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+if TYPE_CHECKING:  # the web stack loads when the server starts the app, not when the package is imported
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._http import error_response
-from ._node_app import create_transport_app, node_lifespan
-from ._registration import registration_for
-from .config import NodeSettings, resolve_settings
+    from .config import NodeSettings
 
 __all__ = ["NodeApp", "app"]
 
@@ -44,10 +42,16 @@ class NodeApp:
         elif self._app is not None:
             await self._app(scope, receive, send)
         elif scope["type"] == "http":
-            message = "Node not started: the server must run the ASGI lifespan (e.g. uvicorn --lifespan on)"
-            await error_response(503, message)(scope, receive, send)
+            body = b'{"error":"Node not started: the server must run the ASGI lifespan (e.g. uvicorn --lifespan on)"}'
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
 
     async def _start(self, stack: AsyncExitStack) -> tuple[NodeSettings, ASGIApp]:
+        from .config import resolve_settings
+        from .transport import create_transport_app, node_lifespan
+        from .transport._registration import registration_for
+
         settings = resolve_settings(overrides=self.overrides)
         registration = registration_for(settings)
         runtime = await settings.build_runtime()

@@ -1,149 +1,24 @@
-"""Service discovery: how nodes find each other.
+"""`RegistryDiscovery`: an in-process registry of nodes that stay listed only while they heartbeat (TTL).
 
-Holds the `ProcessDiscovery` Protocol, the `DiscoveredNode` and `NodeChange` records, and the backends that
-need nothing but anyio and httpx: `StaticDiscovery` (a fixed topology) and `RegistryDiscovery` (an in-process
-TTL registry). Runs on asyncio and trio. Knows nothing of Starlette or of the runtime.
+Heartbeats cost the same at any size, pruning costs what expired, and `discover()` hands out the stored
+records in node-id order. Runs on asyncio and trio; knows nothing of HTTP.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any
 
 import anyio
 
-from promptise_asgi._validation import normalize_url, validate_metadata, validate_node_id
+from .._validation import check_seconds, normalize_url, validate_metadata, validate_node_id
+from ._base import DiscoveredNode
 
-__all__ = [
-    "CoordinatorDiscovery",
-    "DiscoveredNode",
-    "NodeChange",
-    "ProcessDiscovery",
-    "RegistryDiscovery",
-    "StaticDiscovery",
-]
-
-
-@dataclass(slots=True)
-class DiscoveredNode:
-    """A node a discovery backend knows about.
-
-    Attributes:
-        node_id: the node's id (`^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$`).
-        url: the node's base URL, trailing slashes stripped.
-        discovered_at: wall-clock time (`time.time()`) of the last registration or heartbeat seen.
-        metadata: free-form JSON object the node registered with.
-    """
-
-    node_id: str
-    url: str
-    discovered_at: float = field(default_factory=time.time)
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict of this record."""
-        return {
-            "node_id": self.node_id,
-            "url": self.url,
-            "discovered_at": self.discovered_at,
-            "metadata": dict(self.metadata),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class NodeChange:
-    """One change seen by a watching backend.
-
-    Attributes:
-        kind: `"join"` (registered or re-registered) or `"leave"` (unregistered or expired).
-        node_id: the node that changed.
-        node: the node as it now is, or None on leave.
-    """
-
-    kind: Literal["join", "leave"]
-    node_id: str
-    node: DiscoveredNode | None = None
-
-
-@runtime_checkable
-class ProcessDiscovery(Protocol):
-    """What every discovery backend offers."""
-
-    async def discover(self) -> list[DiscoveredNode]:
-        """Return the nodes currently known (expired entries pruned first)."""
-        ...
-
-    async def register(self, node_id: str, url: str, metadata: dict[str, Any] | None = None) -> None:
-        """Add or refresh a node; new metadata replaces the old."""
-        ...
-
-    async def unregister(self, node_id: str) -> None:
-        """Remove a node; removing an unknown node is a no-op."""
-        ...
-
-
-class StaticDiscovery:
-    """A fixed topology: the nodes you list, changed only by explicit `register`/`unregister`.
-
-    Nodes never expire. `discover()` returns them in insertion order; registering a known node id again
-    replaces its URL and metadata and keeps its place. Records are shared snapshots, as for
-    `RegistryDiscovery.discover()`.
-
-    Args:
-        nodes: initial `{node_id: url}` mapping, or None for an empty topology.
-
-    Raises:
-        ValueError: a node id or URL in `nodes` is invalid (the message names which).
-    """
-
-    def __init__(self, nodes: Mapping[str, str] | None = None) -> None:
-        self._nodes: dict[str, DiscoveredNode] = {}
-        self._lock = anyio.Lock()
-        now = time.time()
-        for node_id, url in (nodes or {}).items():
-            validate_node_id(node_id)
-            self._nodes[node_id] = DiscoveredNode(node_id, normalize_url(url), now, {})
-
-    async def discover(self) -> list[DiscoveredNode]:
-        """Return every node, in insertion order.
-
-        Returns:
-            The current records: snapshots never changed afterwards; treat them as read-only.
-        """
-        async with self._lock:
-            return list(self._nodes.values())
-
-    async def register(self, node_id: str, url: str, metadata: Mapping[str, Any] | None = None) -> None:
-        """Add a node, or replace a known node's URL and metadata (it keeps its place in the order).
-
-        Args:
-            node_id: the node's id.
-            url: the node's http(s) base URL; trailing slashes are stripped.
-            metadata: a JSON-serialisable mapping; None means empty.
-
-        Raises:
-            ValueError: the node id, URL or metadata is invalid.
-        """
-        record = DiscoveredNode(validate_node_id(node_id), normalize_url(url), time.time(), validate_metadata(metadata))
-        async with self._lock:
-            self._nodes[node_id] = record
-
-    async def unregister(self, node_id: str) -> None:
-        """Remove a node; removing an unknown node is a no-op."""
-        async with self._lock:
-            self._nodes.pop(node_id, None)
-
-    def __len__(self) -> int:
-        return len(self._nodes)
-
-    def __repr__(self) -> str:
-        return f"StaticDiscovery(nodes={len(self._nodes)})"
+__all__ = ["RegistryDiscovery"]
 
 
 class _Entry:
@@ -240,9 +115,7 @@ class RegistryDiscovery:
     """
 
     def __init__(self, ttl: float = 60.0, *, clock: Callable[[], float] = time.monotonic) -> None:
-        if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not math.isfinite(ttl) or ttl <= 0:
-            raise ValueError(f"ttl must be a finite number of seconds > 0, got {ttl!r}")
-        self._ttl = float(ttl)
+        self._ttl = check_seconds("ttl", ttl)
         self._clock = clock
         self._lock = anyio.Lock()
         # Least recently refreshed first: the front is always the next entry to expire.
@@ -354,7 +227,3 @@ class RegistryDiscovery:
 
     def __repr__(self) -> str:
         return f"RegistryDiscovery(nodes={len(self)}, ttl={self._ttl}s)"
-
-
-# Defined beside the coordinator's HTTP client code; it is a discovery backend, so it is exported here.
-from ._coordinator_discovery import CoordinatorDiscovery  # noqa: E402

@@ -1,9 +1,9 @@
-"""The coordinator: one view of every node's health, and remote control of their processes.
+"""`RuntimeCoordinator`: one view of every node's health, and remote control of their processes.
 
-`RuntimeCoordinator` keeps a node table fed by `register_node` and by any `ProcessDiscovery` backend, checks
-health concurrently (bounded, each check with its own timeout, damped against flapping), and steers
-processes on nodes through `NodeClient` over one shared connection pool. `create_coordinator_app` (written
-in `_coordinator_app`) serves it over HTTP. Runs on asyncio and trio. Knows nodes only through their HTTP API.
+It keeps a node table fed by registrations and by any `ProcessDiscovery` backend, checks health concurrently
+(bounded, each check with its own timeout, damped against flapping), and steers processes on nodes through
+`NodeClient`, one small pool per node. Runs on asyncio and trio. Knows nodes only through their HTTP API, and
+serves no HTTP itself (`_app` does).
 """
 
 from __future__ import annotations
@@ -20,8 +20,7 @@ import anyio
 import httpx
 from anyio.abc import TaskGroup
 
-from ._coordinator_app import create_coordinator_app
-from ._errors import (
+from .._errors import (
     ClusterFullError,
     DiscoveryUnavailableError,
     NodeConflictError,
@@ -29,18 +28,20 @@ from ._errors import (
     NodeTimeoutError,
     NodeUnreachableError,
 )
-from ._probe import HealthProbe
-from ._validation import (
+from .._validation import (
     NodeAddressRules,
+    check_count,
+    check_seconds,
     clean_token,
     metadata_size,
-    positive_number,
     validate_metadata,
     validate_node_id,
 )
-from .client import NodeClient
+from ..client import NodeClient
+from ..discovery import HasTTL, ProcessDiscovery, SupportsHeartbeat
+from ._probe import HealthProbe
 
-__all__ = ["NodeInfo", "RuntimeCoordinator", "create_coordinator_app"]
+__all__ = ["NodeInfo", "RuntimeCoordinator"]
 
 logger = logging.getLogger("promptise_asgi.coordinator")
 
@@ -163,7 +164,7 @@ class RuntimeCoordinator:
     def __init__(
         self,
         *,
-        discovery: Any = None,
+        discovery: ProcessDiscovery | None = None,
         health_check_interval: float = 15.0,
         node_timeout: float = 45.0,
         request_timeout: float = 5.0,
@@ -176,23 +177,15 @@ class RuntimeCoordinator:
         discovery_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.health_check_interval = positive_number("health_check_interval", health_check_interval)
-        self.node_timeout = positive_number("node_timeout", node_timeout)
-        self.request_timeout = positive_number("request_timeout", request_timeout)
-        self.discovery_timeout = positive_number("discovery_timeout", discovery_timeout)
-        for name, count in (
-            ("max_concurrency", max_concurrency),
-            ("max_nodes", max_nodes),
-            ("max_metadata_bytes", max_metadata_bytes),
-            ("max_response_bytes", max_response_bytes),
-        ):
-            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {count!r}")
+        self.health_check_interval = check_seconds("health_check_interval", health_check_interval)
+        self.node_timeout = check_seconds("node_timeout", node_timeout)
+        self.request_timeout = check_seconds("request_timeout", request_timeout)
+        self.discovery_timeout = check_seconds("discovery_timeout", discovery_timeout)
+        self.max_concurrency = check_count("max_concurrency", max_concurrency)
+        self.max_nodes = check_count("max_nodes", max_nodes)
+        self.max_metadata_bytes = check_count("max_metadata_bytes", max_metadata_bytes)
+        self.max_response_bytes = check_count("max_response_bytes", max_response_bytes)
         self.discovery = discovery
-        self.max_concurrency = max_concurrency
-        self.max_nodes = max_nodes
-        self.max_metadata_bytes = max_metadata_bytes
-        self.max_response_bytes = max_response_bytes
         self.address_rules = NodeAddressRules(node_networks)
         self._discovery_health = _BackendHealth()
         self._auth_token = None if auth_token is None else clean_token(auth_token)
@@ -284,9 +277,8 @@ class RuntimeCoordinator:
         await self._call_discovery(discovery.register(node_id, url, meta))
         existing = self._nodes.get(node_id)
         self._upsert(node_id, url, meta, existing.source if existing is not None else "discovered")
-        ttl = getattr(discovery, "ttl", None)
-        if ttl is not None:
-            answer["ttl"] = ttl
+        if isinstance(discovery, HasTTL) and discovery.ttl is not None:
+            answer["ttl"] = discovery.ttl
         return answer
 
     async def accept_heartbeat(self, node_id: str) -> bool:
@@ -295,10 +287,9 @@ class RuntimeCoordinator:
         Raises:
             DiscoveryUnavailableError: the discovery backend failed or did not answer in time.
         """
-        beat = getattr(self.discovery, "heartbeat", None)
-        if beat is None:
+        if not isinstance(self.discovery, SupportsHeartbeat):
             return node_id in self._nodes
-        known: bool = await self._call_discovery(beat(node_id))
+        known: bool = await self._call_discovery(self.discovery.heartbeat(node_id))
         return known
 
     async def accept_unregistration(self, node_id: str) -> bool:

@@ -9,12 +9,13 @@ the apps served. Nothing here imports uvicorn until `uvicorn_protocol()` is call
 from __future__ import annotations
 
 import asyncio
-import math
 from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .._validation import check_count, check_seconds
 
 __all__ = [
     "ServerLimits",
@@ -44,13 +45,9 @@ class ServerLimits:
     read_timeout: float = 10.0
 
     def __post_init__(self) -> None:
-        for name in ("limit_concurrency", "max_header_bytes"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        seconds = self.read_timeout
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds < math.inf:
-            raise ValueError(f"read_timeout must be a finite number of seconds > 0, got {seconds!r}")
+        check_count("limit_concurrency", self.limit_concurrency)
+        check_count("max_header_bytes", self.max_header_bytes)
+        check_seconds("read_timeout", self.read_timeout)
 
 
 def head_size(scope: Scope) -> int:

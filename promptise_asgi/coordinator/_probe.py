@@ -19,7 +19,7 @@ import orjson
 from anyio.abc import ByteStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from ._errors import NodeError, NodeTimeoutError, NodeUnreachableError
+from .._errors import NodeError, NodeTimeoutError, NodeUnreachableError, answer_error_text
 
 __all__ = ["HealthProbe"]
 
@@ -84,8 +84,7 @@ class HealthProbe:
         except orjson.JSONDecodeError:
             answer = None
         if not 200 <= status < 300:
-            message = answer.get("error") if isinstance(answer, dict) else None
-            raise NodeError(status, str(message or body[:500].decode("utf-8", "replace")), target)
+            raise NodeError(status, answer_error_text(body, status), target)
         if not isinstance(answer, dict):
             raise NodeError(status, "the node's answer is not a JSON object", target)
         return answer

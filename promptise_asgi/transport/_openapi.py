@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from . import __version__ as _version
+from .._version import __version__ as _version
 
 __all__ = ["node_openapi"]
 

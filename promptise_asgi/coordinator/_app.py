@@ -1,13 +1,13 @@
 """`create_coordinator_app`: the coordinator's HTTP API (SPEC 8.2), a registry nodes join over HTTP.
 
 Node errors are passed through with their status, an unreachable node is 502 and a silent one 504; the
-auth and error conventions are the node's (`_http`). Knows the coordinator's public methods only.
+auth and error conventions are the node's (`.._http`). Knows the coordinator's public methods only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -16,30 +16,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ._errors import (
-    ClusterFullError,
-    DiscoveryUnavailableError,
-    MetadataTooLargeError,
-    NodeConflictError,
-    NodeError,
-    NodeTimeoutError,
-    NodeUnreachableError,
-)
-from ._http import (
+from .._errors import MetadataTooLargeError
+from .._http import (
     NODE,
     ONLY_CONTROL,
     JSONResponse,
     RequestGuard,
     Scopes,
-    error_response,
     exception_handlers,
-    normalize_tokens,
     parse_event_body,
     read_json_object,
 )
-
-if TYPE_CHECKING:
-    from .coordinator import RuntimeCoordinator
+from .._validation import normalize_tokens
+from ._core import RuntimeCoordinator
 
 __all__ = ["create_coordinator_app"]
 
@@ -149,28 +138,6 @@ async def broadcast(request: Request) -> Response:
     return JSONResponse({"process": process, "results": results})
 
 
-async def _node_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, NodeError)
-    return error_response(exc.status_code, exc.message, {"X-Node-Status": str(exc.status_code)})
-
-
-async def _node_unreachable(request: Request, exc: Exception) -> Response:
-    status = 504 if isinstance(exc, NodeTimeoutError) else 502
-    return error_response(status, str(exc))
-
-
-# The coordinator's own refusals, as the status each one answers with.
-_REFUSALS: dict[type[Exception], int] = {
-    NodeConflictError: 409,
-    ClusterFullError: 503,
-    DiscoveryUnavailableError: 503,
-}
-
-
-async def _refusal(request: Request, exc: Exception) -> Response:
-    return error_response(_REFUSALS[type(exc)], str(exc))
-
-
 def _scope_rule(node_token_set: bool) -> Callable[[str, str], Scopes]:
     """Registering, heartbeating and unregistering are a node's acts: with a node token set, only it may."""
     registration: Scopes = frozenset({NODE}) if node_token_set else ONLY_CONTROL
@@ -233,11 +200,6 @@ def create_coordinator_app(
         Route("/cluster/nodes/{node_id}/processes/{name}/event", event_on_node, methods=["POST"]),
         Route("/cluster/processes/{name}/event", broadcast, methods=["POST"]),
     ]
-    handlers = exception_handlers()
-    handlers[NodeError] = _node_error
-    handlers[NodeUnreachableError] = _node_unreachable
-    for refusal in _REFUSALS:
-        handlers[refusal] = _refusal
     guard = RequestGuard(
         tokens=tokens,
         trusted_hosts=trusted_hosts,
@@ -245,7 +207,7 @@ def create_coordinator_app(
         scopes_for=_scope_rule(node_token is not None),
         what="coordinator",
     )
-    app = Starlette(routes=routes, middleware=[Middleware(guard.protect)], exception_handlers=handlers)
+    app = Starlette(routes=routes, middleware=[Middleware(guard.protect)], exception_handlers=exception_handlers())
     app.router.redirect_slashes = False
     app.state.coordinator = coordinator
     app.state.max_body_bytes = max_body_bytes

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +16,8 @@ from enum import StrEnum
 from typing import Any, TypeAlias
 
 from croniter import croniter
+
+from .._validation import check_count, check_seconds
 
 __all__ = [
     "Handler",
@@ -142,15 +143,7 @@ class TriggerConfig:
             if not isinstance(expr, str) or not croniter.is_valid(expr):
                 raise ValueError(f"TriggerConfig.cron_expression is not a valid cron expression: {expr!r}")
         elif self.type == "interval":
-            seconds = self.interval_seconds
-            if (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, int | float)
-                or not math.isfinite(seconds)
-                or seconds <= 0
-            ):
-                raise ValueError(f"TriggerConfig.interval_seconds must be a number > 0, got {seconds!r}")
-            self.interval_seconds = float(seconds)
+            self.interval_seconds = check_seconds("TriggerConfig.interval_seconds", self.interval_seconds)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict of this trigger."""
@@ -166,11 +159,6 @@ def _is_async_callable(obj: object) -> bool:
         return True
     call = getattr(obj, "__call__", None)  # noqa: B004 - callable() cannot say whether __call__ is async
     return call is not None and inspect.iscoroutinefunction(call)
-
-
-def _check_int(owner: str, name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass(slots=True)
@@ -204,16 +192,9 @@ class ProcessConfig:
         handler = self.handler
         if handler is not None and not isinstance(handler, str) and not _is_async_callable(handler):
             raise TypeError(f"ProcessConfig.handler must be an async callable or 'module:function', got {handler!r}")
-        _check_int("ProcessConfig", "concurrency", self.concurrency, 1)
-        _check_int("ProcessConfig", "max_queue", self.max_queue, 1)
-        timeout = self.drain_timeout
-        if (
-            isinstance(timeout, bool)
-            or not isinstance(timeout, int | float)
-            or not math.isfinite(timeout)
-            or timeout < 0
-        ):
-            raise ValueError(f"ProcessConfig.drain_timeout must be a number >= 0, got {timeout!r}")
+        check_count("ProcessConfig.concurrency", self.concurrency)
+        check_count("ProcessConfig.max_queue", self.max_queue)
+        self.drain_timeout = check_seconds("ProcessConfig.drain_timeout", self.drain_timeout, zero_ok=True)
         triggers: list[TriggerConfig] = []
         for trigger in self.triggers:
             if isinstance(trigger, Mapping):

@@ -6,6 +6,7 @@ coordinator knows. Re-exported from `promptise_asgi.discovery`. Knows the coordi
 
 from __future__ import annotations
 
+import contextlib
 import time
 from types import TracebackType
 from typing import Any
@@ -13,10 +14,10 @@ from urllib.parse import quote
 
 import httpx
 
-from ._errors import NodeError
-from ._validation import normalize_url, validate_metadata, validate_node_id
-from .client import NodeClient
-from .discovery import DiscoveredNode
+from .._errors import NodeError
+from .._validation import check_seconds, normalize_url, validate_metadata, validate_node_id
+from ..client import NodeClient
+from ._base import DiscoveredNode
 
 __all__ = ["CoordinatorDiscovery"]
 
@@ -75,8 +76,9 @@ class CoordinatorDiscovery:
         }
         answer = await self._client.request("POST", "/cluster/nodes", json=body)
         ttl = answer.get("ttl") if isinstance(answer, dict) else None
-        if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
-            self.ttl = float(ttl)
+        if ttl is not None:
+            with contextlib.suppress(ValueError):  # a coordinator that says nothing sensible keeps our default
+                self.ttl = check_seconds("ttl", ttl)
 
     async def heartbeat(self, node_id: str) -> bool:
         """Refresh a node's registration; False when the coordinator does not know it (register again).

@@ -15,7 +15,7 @@ from prometheus_client.registry import Collector
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ._protocol import RuntimeLike
+from ._shape import RuntimeLike
 
 __all__ = ["build_registry", "metrics_endpoint"]
 

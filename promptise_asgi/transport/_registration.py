@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._errors import ConfigError
-from ._tasks import spawn_detached
+from .._detached import spawn_detached
+from .._errors import ConfigError
+from .._validation import check_seconds
+from ..discovery import HasTTL, ProcessDiscovery, SupportsAclose, SupportsHeartbeat
 
 if TYPE_CHECKING:
-    from .config import NodeSettings
+    from ..config import NodeSettings
 
 __all__ = ["SelfRegistration", "discovery_for", "registration_for"]
 
@@ -32,7 +34,7 @@ class SelfRegistration:
 
     def __init__(
         self,
-        discovery: Any,
+        discovery: ProcessDiscovery,
         node_id: str,
         url: str,
         *,
@@ -43,8 +45,7 @@ class SelfRegistration:
         self._follow_ttl = interval is None
         if interval is None:
             interval = _third_of_ttl(discovery) or DEFAULT_INTERVAL
-        if interval <= 0:
-            raise ValueError("heartbeat_interval must be positive")
+        interval = check_seconds("heartbeat_interval", interval)
         self.discovery = discovery
         self.node_id = node_id
         self.url = url
@@ -70,7 +71,7 @@ class SelfRegistration:
                 await self.discovery.unregister(self.node_id)
         except Exception as exc:
             logger.warning("could not unregister node %s: %s", self.node_id, exc)
-        if self.close_discovery:
+        if self.close_discovery and isinstance(self.discovery, SupportsAclose):
             await self.discovery.aclose()
 
     async def _register(self) -> bool:
@@ -92,11 +93,10 @@ class SelfRegistration:
         return True
 
     async def _beat(self) -> bool:
-        heartbeat = getattr(self.discovery, "heartbeat", None)
-        if not self.registered or heartbeat is None:
+        if not self.registered or not isinstance(self.discovery, SupportsHeartbeat):
             return await self._register()
         try:
-            known = await heartbeat(self.node_id)
+            known = await self.discovery.heartbeat(self.node_id)
         except Exception as exc:
             if not self._failing:
                 logger.warning("heartbeat of node %s failed: %s (retrying)", self.node_id, exc)
@@ -124,21 +124,19 @@ class SelfRegistration:
             self._finished.set()
 
 
-def _third_of_ttl(discovery: Any) -> float | None:
-    ttl = getattr(discovery, "ttl", None)
-    if isinstance(ttl, int | float) and not isinstance(ttl, bool) and ttl > 0:
-        return float(ttl) / 3
-    return None
+def _third_of_ttl(discovery: ProcessDiscovery) -> float | None:
+    ttl = discovery.ttl if isinstance(discovery, HasTTL) else None
+    return None if ttl is None else ttl / 3
 
 
-def discovery_for(settings: NodeSettings) -> Any:
+def discovery_for(settings: NodeSettings) -> ProcessDiscovery | None:
     """Return the discovery backend a node's settings ask to register with (etcd, a coordinator), or None."""
     if settings.etcd:
-        from .etcd import EtcdDiscovery
+        from ..etcd import EtcdDiscovery
 
         return EtcdDiscovery(settings.etcd)
     if settings.coordinator_url:
-        from .discovery import CoordinatorDiscovery
+        from ..discovery import CoordinatorDiscovery
 
         return CoordinatorDiscovery(settings.coordinator_url, auth_token=settings.auth_token)
     return None
@@ -157,8 +155,10 @@ def registration_for(settings: NodeSettings) -> SelfRegistration | None:
             f"{settings.source}: set PROMPTISE_ADVERTISE_URL (or advertise_url in [node]): the URL other machines "
             "reach this node at, needed to register it"
         )
+    discovery = discovery_for(settings)
+    assert discovery is not None  # etcd or a coordinator URL is set
     return SelfRegistration(
-        discovery_for(settings),
+        discovery,
         settings.node_id,
         settings.advertise_url,
         interval=settings.heartbeat_interval,

@@ -1,0 +1,171 @@
+"""`AgentRuntime`: the named `AgentProcess`es of one node, started, stopped and restarted by name or all at once.
+
+Runs on asyncio and trio, in `async with` or imperative style (process tasks then live under one supervisor task
+that dies with the host's event loop). Knows nothing of HTTP: the transport drives it through its Protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from types import MappingProxyType, TracebackType
+from typing import Any
+
+import anyio
+
+from ._host import TaskHost
+from ._models import ProcessConfig, ProcessState, check_process_name
+from ._process import AgentProcess
+
+__all__ = ["AgentRuntime"]
+
+logger = logging.getLogger("promptise_asgi.runtime")
+
+_RUNNING = ProcessState.RUNNING
+
+
+class AgentRuntime:
+    """A set of named `AgentProcess`es on one node.
+
+    Use it as `async with AgentRuntime() as rt:` (stops every process on exit), or imperatively:
+    `rt = AgentRuntime()`, `await rt.start_all()`, ..., `await rt.stop_all()` (or `await rt.aclose()`). In the
+    imperative style process tasks run under one supervisor task that ends with the host's event loop, so
+    forgetting to stop never keeps a program from exiting.
+
+    Args:
+        clock: wall clock in epoch seconds, used for cron schedules (injectable for tests).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self._processes: dict[str, AgentProcess] = {}
+        self._view: Mapping[str, AgentProcess] = MappingProxyType(self._processes)
+        self._clock = clock
+        self._host = TaskHost()
+
+    @property
+    def processes(self) -> Mapping[str, AgentProcess]:
+        """A read-only view of the processes by name, in insertion order."""
+        return self._view
+
+    async def add_process(self, name: str, config: ProcessConfig | None = None) -> AgentProcess:
+        """Create a process (state `created`); it runs after `start_process(name)` or `start_all()`.
+
+        Raises:
+            ValueError: the name is empty, contains `/`, or is already used.
+        """
+        check_process_name(name)
+        if name in self._processes:
+            raise ValueError(f"Process '{name}' already exists")
+        process = AgentProcess(name, config, clock=self._clock, _host=self._host)
+        self._processes[name] = process
+        return process
+
+    async def remove_process(self, name: str) -> None:
+        """Stop a process (draining it as `stop()` does) and remove it.
+
+        Raises:
+            KeyError: no process has that name.
+        """
+        process = self.get_process(name)
+        async with process._lock:
+            await process._stop_locked(exiting=True)
+            process._removed = True
+            if self._processes.get(name) is process:
+                del self._processes[name]
+            # Nothing accepted disappears without a trace: these never ran, and they go with the process.
+            process._discard_queued("with the process, which was removed")
+
+    def get_process(self, name: str) -> AgentProcess:
+        """Return the process called `name`.
+
+        Raises:
+            KeyError: `Process '<name>' not found`.
+        """
+        try:
+            return self._processes[name]
+        except KeyError:
+            raise KeyError(f"Process '{name}' not found") from None
+
+    async def start_process(self, name: str) -> bool:
+        """Start a process by name; returns False if it was already running (see `AgentProcess.start`)."""
+        return await self.get_process(name).start()
+
+    async def stop_process(self, name: str) -> bool:
+        """Stop a process by name; returns False if it was not running (see `AgentProcess.stop`)."""
+        return await self.get_process(name).stop()
+
+    async def restart_process(self, name: str) -> None:
+        """Restart a process by name (see `AgentProcess.restart`)."""
+        await self.get_process(name).restart()
+
+    async def start_all(self) -> None:
+        """Start every process, in insertion order.
+
+        Every process is tried; if some fail to start, the first error is raised once all have been tried.
+        """
+        first_error: Exception | None = None
+        for process in list(self._processes.values()):
+            try:
+                await process.start()
+            except Exception as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
+    async def stop_all(self) -> None:
+        """Stop every process concurrently, so drain timeouts overlap instead of adding up.
+
+        Events left after a process's `drain_timeout` stay queued in memory for its next start (logged).
+        """
+        async with anyio.create_task_group() as tg:
+            for process in list(self._processes.values()):
+                tg.start_soon(process.stop)
+
+    async def aclose(self) -> None:
+        """Stop every process and close the task group the processes ran in (shared by both styles).
+
+        This is the runtime's exit: events still queued (left after `drain_timeout`, or injected into a stopped
+        process) are discarded, with one log line per process saying how many, since the memory store keeps
+        nothing across an exit. `async with` ends the same way.
+        """
+        try:
+            await self._exit()
+        finally:
+            await self._host.close()
+
+    async def _exit(self) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                for process in list(self._processes.values()):
+                    tg.start_soon(process._stop_at_exit)
+        finally:
+            for process in self._processes.values():
+                process._discard_queued("at exit: the memory store keeps no events across an exit")
+
+    def status(self) -> dict[str, Any]:
+        """Return `{"process_count": N, "processes": {name: process status}}`."""
+        return {
+            "process_count": len(self._processes),
+            "processes": {name: process.status() for name, process in self._processes.items()},
+        }
+
+    async def __aenter__(self) -> AgentRuntime:
+        if self._host.active and not any(p.state == _RUNNING for p in self._processes.values()):
+            # Used imperatively before (a RuntimeTransport, or start_all/stop_all) and idle now: hand the
+            # processes over to this block instead of refusing with "already running".
+            await self._host.close()
+        await self._host.enter()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        try:
+            await self._exit()
+        finally:
+            suppress = await self._host.exit(exc_type, exc, tb)
+        return suppress
