@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ import anyio
 import anyio.abc
 import httpx
 import pytest
+from support import free_port
 
 __all__ = ["EtcdServer", "TcpProxy", "free_port", "require_etcd"]
 
@@ -35,13 +35,6 @@ def require_etcd() -> str:
             pytest.fail(f"{reason}, and CI is set: the etcd tests must run in CI", pytrace=False)
         pytest.skip(reason)
     return binary
-
-
-def free_port() -> int:
-    """A loopback TCP port nothing listens on right now (bound to port 0, then released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class EtcdServer:

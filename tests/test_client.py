@@ -11,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
+from support import free_port
 
 from promptise_asgi import _errors
 from promptise_asgi.client import NodeClient, NodeError, NodeTimeoutError, NodeUnreachableError
@@ -275,13 +276,6 @@ async def test_methods_refuse_a_body_that_is_not_an_object() -> None:
     assert (caught.value.status_code, caught.value.url) == (202, "http://testserver/status")
 
 
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @pytest.fixture
 def silent_listener() -> Iterator[int]:
     """A socket that completes TCP handshakes (kernel backlog) but never reads or answers."""
@@ -292,7 +286,7 @@ def silent_listener() -> Iterator[int]:
 
 
 async def test_dead_port_raises_unreachable_naming_the_url() -> None:
-    url = f"http://127.0.0.1:{closed_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     async with NodeClient(url, auth_token=TOKEN, timeout=10) as client:
         with pytest.raises(NodeUnreachableError) as caught:
             await client.health()
@@ -379,7 +373,7 @@ def test_repr_hides_a_password_in_the_url() -> None:
 
 
 async def test_password_in_url_is_hidden_in_errors() -> None:
-    async with NodeClient(f"http://admin:hunter2@127.0.0.1:{closed_port()}") as client:
+    async with NodeClient(f"http://admin:hunter2@127.0.0.1:{free_port()}") as client:
         with pytest.raises(NodeUnreachableError) as caught:
             await client.health()
     assert "hunter2" not in str(caught.value)

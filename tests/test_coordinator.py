@@ -3,14 +3,14 @@ nodes that register themselves, with real nodes on loopback sockets (uvicorn on 
 
 from __future__ import annotations
 
-import socket
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import httpx
 import pytest
+from support import black_hole, dead_url, wait_for
 
 from promptise_asgi.client import NodeError, NodeTimeoutError, NodeUnreachableError
 from promptise_asgi.coordinator import NodeInfo, RuntimeCoordinator, create_coordinator_app
@@ -29,12 +29,6 @@ class FakeClock:
         return self.now
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.02)
-
-
 @asynccontextmanager
 async def node(
     node_id: str, *, port: int = 0, token: str | None = None, **transport_options: Any
@@ -48,21 +42,6 @@ async def node(
     await runtime.add_process("worker", ProcessConfig(handler=handler))
     async with RuntimeTransport(runtime, port=port, node_id=node_id, auth_token=token, **transport_options) as t:
         yield t, events
-
-
-def dead_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-@contextmanager
-def black_hole() -> Iterator[str]:
-    """A socket that accepts connections (the kernel does) and never answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 class TestNodeTable:

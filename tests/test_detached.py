@@ -39,17 +39,18 @@ async def test_outlives_the_caller_and_logs_a_failure(caplog: pytest.LogCaptureF
 
 async def test_cancellation_is_not_an_error(caplog: pytest.LogCaptureFixture) -> None:
     scope = anyio.CancelScope()
-    finished = anyio.Event()
+    started, finished = anyio.Event(), anyio.Event()
 
     async def sleeper() -> None:
         try:
             with scope:
+                started.set()
                 await anyio.sleep_forever()
         finally:
             finished.set()
 
     spawn_detached(sleeper, name="sleeper")
-    await anyio.sleep(0.01)
+    await started.wait()
     scope.cancel()
     with anyio.fail_after(5):
         await finished.wait()

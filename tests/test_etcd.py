@@ -5,7 +5,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ import anyio
 import httpx
 import pytest
 from etcd_server import EtcdServer, TcpProxy, free_port
+from support import wait_for_async
 
 from promptise_asgi.discovery import DiscoveredNode, NodeChange, ProcessDiscovery
 from promptise_asgi.etcd import EtcdDiscovery, EtcdError, EtcdUnavailableError
@@ -59,16 +60,6 @@ async def lease_of(url: str, key: str) -> int:
 
 async def ids(discovery: EtcdDiscovery) -> list[str]:
     return [node.node_id for node in await discovery.discover()]
-
-
-async def eventually(check: Callable[[], Any], what: str, deadline: float = EVENTUALLY) -> None:
-    """Poll the async `check` until it returns true, or fail naming `what`."""
-    with anyio.move_on_after(deadline):
-        while True:
-            if await check():
-                return
-            await anyio.sleep(0.1)
-    pytest.fail(f"not within {deadline}s: {what}")
 
 
 READY = "zzzz-watch-ready"  # sorts after every other node id used here
@@ -492,7 +483,7 @@ async def test_lease_expiry_heartbeat_and_regrant(etcd: EtcdServer, prefix: str)
         async def left_is_gone() -> bool:
             return await ids(disc) == ["kept"]
 
-        await eventually(left_is_gone, "the node without heartbeats expires")
+        await wait_for_async(left_is_gone, EVENTUALLY, "the node without heartbeats expires")
         assert time.monotonic() - started >= 1.5  # it expired because of its TTL, not at once
         await watcher.wait_for(("leave", "left"))
 

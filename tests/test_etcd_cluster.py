@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 from etcd_server import EtcdServer
+from support import free_port
 
 from promptise_asgi.coordinator import RuntimeCoordinator, create_coordinator_app
 from promptise_asgi.discovery import CoordinatorDiscovery
@@ -25,12 +24,6 @@ from promptise_asgi.transport import AppServer, RuntimeTransport
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
 ROOT = Path(__file__).parent.parent
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.05)
 
 
 async def make_runtime() -> AgentRuntime:
@@ -92,12 +85,6 @@ async def test_registration_through_one_coordinator_is_seen_by_another(etcd: Etc
         assert not coordinator_b.nodes
         await coordinator_a.aclose()
         await coordinator_b.aclose()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_cli_coordinator_and_node_on_etcd(etcd: EtcdServer, tmp_path: Path) -> None:

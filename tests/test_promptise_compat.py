@@ -14,7 +14,7 @@ import re
 import subprocess
 import sys
 import types
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
+from support import wait_for_async
 
 from promptise_asgi._errors import QueueFullError
 from promptise_asgi.transport import _promptise as compat
@@ -281,19 +282,6 @@ UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 PROMPTISE_MISSING = "promptise==1.10.* is not installed here; scripts/test-promptise runs these in venv-promptise"
 
 
-async def _wait_for(check: Callable[[], Awaitable[bool]], what: str, seconds: float = 30.0) -> None:
-    # Generous deadline: several people run tests on this 2-core machine at once. promptise offers no
-    # event to wait on, so poll.
-    try:
-        with anyio.fail_after(seconds):
-            done = await check()
-            while not done:
-                await anyio.sleep(0.02)
-                done = await check()
-    except TimeoutError:
-        pytest.fail(f"timed out after {seconds:g}s waiting for {what}")
-
-
 @pytest.mark.promptise
 class TestOverRealPromptise:
     @pytest.fixture
@@ -411,7 +399,7 @@ class TestOverRealPromptise:
         async def handled() -> bool:
             return bool((await self._status(client, "worker"))["invocation_count"] >= 1)
 
-        await _wait_for(handled, "the event to be handled")
+        await wait_for_async(handled, 30.0, "the event to be handled")
         prompt = runtime.get_process("worker").config.model.calls[-1].messages[-1].content
         assert f"[Trigger: remote] trigger_id=remote event_id={body['event_id']}" in prompt
         assert "4711" in prompt
@@ -426,7 +414,7 @@ class TestOverRealPromptise:
         async def handled() -> bool:
             return bool((await self._status(client, "worker"))["invocation_count"] >= 1)
 
-        await _wait_for(handled, "the event to be handled")
+        await wait_for_async(handled, 30.0, "the event to be handled")
         prompt = runtime.get_process("worker").config.model.calls[-1].messages[-1].content
         assert f"[Trigger: custom] trigger_id=my-trig event_id={event_id}" in prompt
 
@@ -441,7 +429,7 @@ class TestOverRealPromptise:
         async def handled() -> bool:
             return bool((await self._status(client, "fresh"))["invocation_count"] == 1)
 
-        await _wait_for(handled, "the queued event to be handled")
+        await wait_for_async(handled, 30.0, "the queued event to be handled")
 
     async def test_full_queue_is_refused_with_429(self, client: httpx.AsyncClient, runtime: Any) -> None:
         from promptise.runtime import TriggerEvent

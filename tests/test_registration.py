@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
+from support import wait_for
 
 from promptise_asgi.config import ConfigError, NodeSettings
 from promptise_asgi.discovery import CoordinatorDiscovery, RegistryDiscovery
@@ -48,12 +49,6 @@ class FlakyBackend:
 
     async def aclose(self) -> None:
         self.closed = True
-
-
-async def wait_for(predicate: Any, timeout: float = 10) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.01)
 
 
 async def test_interval_defaults_to_a_third_of_the_ttl() -> None:

@@ -16,6 +16,7 @@ import anyio
 import anyio.lowlevel
 import handlers_for_tests
 import pytest
+from support import WAIT, wait_for
 
 from promptise_asgi import _errors, runtime
 from promptise_asgi.runtime import (
@@ -28,15 +29,6 @@ from promptise_asgi.runtime import (
     TriggerEvent,
 )
 from promptise_asgi.transport._shape import ProcessLike, RuntimeLike
-
-WAIT = 20.0  # generous: "it eventually happens" must hold on a loaded 2-core machine
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    """Poll with a deadline: for state that no event announces (counters, status fields)."""
-    with anyio.fail_after(WAIT):
-        while not predicate():
-            await anyio.sleep(0.002)
 
 
 class Recorder:
@@ -229,7 +221,7 @@ async def test_process_without_handler_records_events() -> None:
         events = [ev(payload={"i": i}) for i in range(3)]
         for event in events:
             await process.inject(event)
-        await wait_until(lambda: process.status()["events_handled"] == 3)
+        await wait_for(lambda: process.status()["events_handled"] == 3)
         status = process.status()
         assert status["events_received"] == 3
         assert status["last_event_id"] == events[-1].event_id
@@ -253,7 +245,7 @@ async def test_raising_handler_is_counted_and_the_process_keeps_running(
             await process.inject(ev(payload={"fail": True}))
             good = ev()
             await process.inject(good)
-            await wait_until(lambda: handled == [good.event_id])
+            await wait_for(lambda: handled == [good.event_id])
         status = process.status()
         assert status["state"] == "running"
         assert status["events_failed"] == 1 and status["events_handled"] == 1
@@ -293,7 +285,7 @@ async def test_full_queue_refuses_with_queue_full_error_and_loses_nothing() -> N
             await process.inject(ev())
         recorder.gate.set()
         expected = [e.event_id for e in [*accepted, extra]]
-        await wait_until(lambda: recorder.seen == expected)
+        await wait_for(lambda: recorder.seen == expected)
         status = process.status()
         assert status["events_received"] == status["events_handled"] == 3
         assert status["events_refused"] == 2
@@ -307,11 +299,11 @@ async def test_concurrency_runs_that_many_handlers_at_once() -> None:
         await process.start()
         for _ in range(5):
             await process.inject(ev())
-        await wait_until(lambda: len(recorder.started) == 3)
+        await wait_for(lambda: len(recorder.started) == 3)
         status = process.status()
         assert (status["in_flight"], status["queue_size"], status["concurrency"]) == (3, 2, 3)
         recorder.gate.set()
-        await wait_until(lambda: len(recorder.seen) == 5)
+        await wait_for(lambda: len(recorder.seen) == 5)
 
 
 # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -350,7 +342,7 @@ async def test_stop_lets_the_running_handler_finish_and_drains_the_queue() -> No
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(stop)
-            await wait_until(lambda: process.state is ProcessState.STOPPING)
+            await wait_for(lambda: process.state is ProcessState.STOPPING)
             assert process.status()["uptime_seconds"] is None
             recorder.gate.set()
         assert result == [True]
@@ -384,7 +376,7 @@ async def test_drain_timeout_requeues_the_interrupted_event_at_the_front(
 
         recorder.gate = None
         await process.start()
-        await wait_until(lambda: len(recorder.seen) == 2)
+        await wait_for(lambda: len(recorder.seen) == 2)
         assert recorder.seen == [first.event_id, second.event_id]
 
 
@@ -397,12 +389,12 @@ async def test_zero_drain_timeout_stops_at_once_keeping_events_queued() -> None:
         events = [ev() for _ in range(4)]
         for event in events:
             await process.inject(event)
-        await wait_until(lambda: len(recorder.started) == 2)
+        await wait_for(lambda: len(recorder.started) == 2)
         await process.stop()
         assert process.status()["queue_size"] == 4
         recorder.gate = None
         await process.start()
-        await wait_until(lambda: len(recorder.seen) == 4)
+        await wait_for(lambda: len(recorder.seen) == 4)
         # Interrupted events come back first, in the order they were taken.
         assert recorder.seen[:2] == [e.event_id for e in events[:2]]
         assert sorted(recorder.seen) == sorted(e.event_id for e in events)
@@ -416,7 +408,7 @@ async def test_events_injected_before_start_or_while_stopped_are_handled_after_s
         await process.inject(early)
         assert process.status()["queue_size"] == 1
         await process.start()
-        await wait_until(lambda: recorder.seen == [early.event_id])
+        await wait_for(lambda: recorder.seen == [early.event_id])
         await process.stop()
         late = [ev() for _ in range(3)]
         for event in late:
@@ -424,7 +416,7 @@ async def test_events_injected_before_start_or_while_stopped_are_handled_after_s
         status = process.status()
         assert (status["queue_size"], status["events_handled"]) == (3, 1)
         await process.start()
-        await wait_until(lambda: len(recorder.seen) == 4)
+        await wait_for(lambda: len(recorder.seen) == 4)
         assert recorder.seen[1:] == [e.event_id for e in late]
 
 
@@ -443,7 +435,7 @@ async def test_restart_keeps_queued_events_and_counts() -> None:
         await rt.restart_process("p")
         assert process.status()["restart_count"] == 2
         recorder.gate.set()
-        await wait_until(lambda: len(recorder.seen) == 3)
+        await wait_for(lambda: len(recorder.seen) == 3)
         assert recorder.seen == [e.event_id for e in events]
         assert process.state is ProcessState.RUNNING
 
@@ -479,7 +471,7 @@ async def test_concurrent_lifecycle_operations_leave_a_consistent_state() -> Non
             for _ in range(50):
                 tg.start_soon(storm, rng.choice(["start", "stop", "restart"]))
         await rt.start_process("p")
-        await wait_until(lambda: len(handled) == len(injected))
+        await wait_for(lambda: len(handled) == len(injected))
         await rt.stop_process("p")
         status = process.status()
         assert sorted(handled) == sorted(injected)  # each exactly once
@@ -501,7 +493,7 @@ async def test_stop_cancelled_mid_drain_still_stops_and_keeps_the_event() -> Non
         # Starting again waits for the cut-off workers, then hands the event to new ones.
         recorder.gate = None
         await process.start()
-        await wait_until(lambda: recorder.seen == [event.event_id])
+        await wait_for(lambda: recorder.seen == [event.event_id])
         assert recorder.cancelled == [event.event_id]
 
 
@@ -536,7 +528,7 @@ async def test_handler_by_module_function_string() -> None:
             await process.start()
             await process.inject(ev(trigger_id=name))
             assert process.status()["handler"] == handler
-        await wait_until(lambda: len(handlers_for_tests.seen) == 2)
+        await wait_for(lambda: len(handlers_for_tests.seen) == 2)
 
 
 @pytest.mark.parametrize(
@@ -564,7 +556,7 @@ async def test_bad_handler_string_fails_start_and_leaves_the_process_failed(hand
         # Fixing the config and starting again works, and the queued event survives.
         process.config.handler = "handlers_for_tests:record"
         assert await process.start() is True
-        await wait_until(lambda: process.status()["events_handled"] == 1)
+        await wait_for(lambda: process.status()["events_handled"] == 1)
 
 
 async def test_start_all_starts_every_good_process_then_raises_the_first_error() -> None:
@@ -589,7 +581,7 @@ async def test_interval_trigger_fires_only_while_running() -> None:
         assert process.status()["events_received"] == 0
         assert process.status()["triggers"][0]["next_fire_at"] is None
         await process.start()
-        await wait_until(lambda: len(recorder.seen) >= 2)
+        await wait_for(lambda: len(recorder.seen) >= 2)
         status = process.status()
         assert status["triggers"][0]["trigger_id"] == "ticker:interval:0"
         assert status["triggers"][0]["next_fire_at"] is not None
@@ -626,7 +618,7 @@ async def test_trigger_refuses_and_counts_events_when_the_queue_is_full(caplog: 
         process = await rt.add_process("p", ProcessConfig(handler=recorder, triggers=[trigger], max_queue=1))
         with caplog.at_level(logging.WARNING, logger="promptise_asgi.runtime"):
             await process.start()
-            await wait_until(lambda: process.status()["events_refused"] >= 2)
+            await wait_for(lambda: process.status()["events_refused"] >= 2)
         assert process.status()["queue_size"] == 1
         assert any("queue is full" in r.getMessage() for r in caplog.records)
         recorder.gate.set()
@@ -655,7 +647,7 @@ async def test_cron_trigger_fires_on_schedule_from_the_wall_clock() -> None:
             await done.wait()
         assert (got[0].trigger_id, got[0].trigger_type) == ("cronjob:cron:0", "cron")
         # Fired once for 12:05; the next one is 12:10.
-        await wait_until(lambda: process.status()["triggers"][0]["next_fire_at"] != "2026-01-01T12:05:00+00:00")
+        await wait_for(lambda: process.status()["triggers"][0]["next_fire_at"] != "2026-01-01T12:05:00+00:00")
         assert process.status()["triggers"][0]["next_fire_at"] == "2026-01-01T12:10:00+00:00"
         assert len(got) == 1
 
@@ -672,7 +664,7 @@ async def test_cron_trigger_follows_a_wall_clock_step(monkeypatch: pytest.Monkey
     async with AgentRuntime(clock=clock) as rt:
         process = await rt.add_process("cronjob", ProcessConfig(handler=handler, triggers=[trigger]))
         await process.start()
-        await wait_until(lambda: process.status()["triggers"][0]["next_fire_at"] is not None)
+        await wait_for(lambda: process.status()["triggers"][0]["next_fire_at"] is not None)
         assert process.status()["triggers"][0]["next_fire_at"] == "2026-01-01T12:05:00+00:00"
         assert process.status()["events_received"] == 0
         offset[0] += 270  # the clock jumps to 12:05:00
@@ -713,7 +705,7 @@ async def test_imperative_style_and_aclose() -> None:
     process = await rt.add_process("p", ProcessConfig(handler=recorder))
     await rt.start_all()
     await process.inject(ev())
-    await wait_until(lambda: len(recorder.seen) == 1)
+    await wait_for(lambda: len(recorder.seen) == 1)
     await rt.stop_all()
     assert process.state is ProcessState.STOPPED
     # The runtime can be started again, then closed in one call.
@@ -760,7 +752,7 @@ async def test_standalone_process_runs_without_a_runtime() -> None:
     process = AgentProcess("solo", ProcessConfig(handler=recorder))
     assert await process.start() is True
     await process.inject(ev())
-    await wait_until(lambda: len(recorder.seen) == 1)
+    await wait_for(lambda: len(recorder.seen) == 1)
     assert await process.stop() is True
 
 
@@ -776,7 +768,7 @@ def test_runtime_and_process_can_be_built_outside_an_event_loop(backend: str) ->
         await process.inject(ev())
         await solo.start()
         await solo.inject(ev())
-        await wait_until(lambda: process.status()["events_handled"] == solo.status()["events_handled"] == 1)
+        await wait_for(lambda: process.status()["events_handled"] == solo.status()["events_handled"] == 1)
         await solo.stop()
         await rt.aclose()
 
@@ -849,7 +841,7 @@ async def test_status_fields() -> None:
         await process.start()
         running = process.status()
         assert running["state"] == "running" and running["uptime_seconds"] >= 0
-        await wait_until(lambda: process.status()["triggers"][0]["next_fire_at"] is not None)
+        await wait_for(lambda: process.status()["triggers"][0]["next_fire_at"] is not None)
         whole = rt.status()
         assert whole["process_count"] == 1 and list(whole["processes"]) == ["watcher"]
         assert whole["processes"]["watcher"]["process_id"] == process.process_id

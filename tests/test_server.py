@@ -9,6 +9,7 @@ from typing import Any
 import anyio
 import httpx
 import pytest
+from support import wait_for
 
 from promptise_asgi.runtime import AgentRuntime, ProcessConfig, TriggerEvent
 from promptise_asgi.transport import RuntimeTransport
@@ -124,7 +125,7 @@ async def test_graceful_stop_lets_in_flight_requests_finish(server: str) -> None
         tg.start_soon(call)
         await entered.wait()
         tg.start_soon(transport.stop)
-        await anyio.sleep(0.2)
+        await wait_for(lambda: transport.app.state.node.phase == "draining")  # stop() is under way
         release.set()
     assert results == [200]
     assert not transport.running
@@ -174,8 +175,10 @@ class TestConstruction:
         assert RuntimeTransport(AgentRuntime(), host=host).host == host
 
     def test_opt_outs(self) -> None:
-        RuntimeTransport(AgentRuntime(), host="0.0.0.0", allow_unauthenticated=True)
-        RuntimeTransport(AgentRuntime(), host="0.0.0.0", auth_token="t")
+        opted_out = RuntimeTransport(AgentRuntime(), host="0.0.0.0", allow_unauthenticated=True)
+        with_token = RuntimeTransport(AgentRuntime(), host="0.0.0.0", auth_token="t")
+        assert opted_out.host == with_token.host == "0.0.0.0"
+        assert opted_out.url.startswith("http://127.0.0.1:")  # reachable from this machine, not 0.0.0.0
 
     @pytest.mark.parametrize("token", ["", "   "])
     def test_blank_token(self, token: str) -> None:

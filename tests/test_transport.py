@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -11,17 +11,12 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Mount
+from support import wait_for
 
 from promptise_asgi.runtime import AgentRuntime, ProcessConfig, TriggerEvent
 from promptise_asgi.transport import create_transport_app, node_lifespan
 
 BASE = "http://127.0.0.1"
-
-
-async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    with anyio.fail_after(timeout):
-        while not predicate():
-            await anyio.sleep(0.01)
 
 
 def client_for(app: Any, base_url: str = BASE, **kwargs: Any) -> httpx.AsyncClient:
