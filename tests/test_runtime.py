@@ -963,3 +963,46 @@ async def test_async_with_after_imperative_use_once_everything_is_stopped() -> N
         await runtime.start_all()
         assert runtime.get_process("w").state == "running"
     assert runtime.get_process("w").state == "stopped"
+
+
+class TestObservers:
+    """The hook a transport streams changes from (SPEC 13): added, removed and every state change."""
+
+    async def test_an_observer_sees_processes_come_go_and_change_state(self) -> None:
+        seen: list[tuple[str, dict[str, Any]]] = []
+        rt = AgentRuntime()
+        remove = rt.add_observer(lambda change, data: seen.append((change, data)))
+        process = await rt.add_process("p", ProcessConfig())
+        await process.start()
+        await process.stop()
+        await rt.remove_process("p")
+        assert seen == [
+            ("process.added", {"name": "p"}),
+            ("process.state", {"name": "p", "state": "starting", "previous": "created"}),
+            ("process.state", {"name": "p", "state": "running", "previous": "starting"}),
+            ("process.state", {"name": "p", "state": "stopping", "previous": "running"}),
+            ("process.state", {"name": "p", "state": "stopped", "previous": "stopping"}),
+            ("process.removed", {"name": "p"}),
+        ]
+        remove()
+        await rt.add_process("q", ProcessConfig())
+        assert len(seen) == 6  # removed observers hear nothing more
+        remove()  # removing twice is harmless
+
+    async def test_a_failing_start_is_observed_and_a_failing_observer_is_only_logged(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        seen: list[str] = []
+
+        def broken(change: str, data: dict[str, Any]) -> None:
+            raise RuntimeError("observer bug")
+
+        rt = AgentRuntime()
+        rt.add_observer(broken)
+        rt.add_observer(lambda change, data: seen.append(data.get("state", change)))
+        process = await rt.add_process("p", ProcessConfig(handler="no_such_module:handler"))
+        with pytest.raises(ValueError, match="no_such_module"):
+            await process.start()
+        assert seen == ["process.added", "starting", "failed"]
+        assert process.state == "failed"
+        assert any("observer" in record.getMessage() for record in caplog.records)

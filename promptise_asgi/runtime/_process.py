@@ -34,7 +34,10 @@ from ._models import (
 )
 from ._queue import EventQueue
 
-__all__ = ["AgentProcess"]
+__all__ = ["AgentProcess", "Notify"]
+
+# How a process tells its runtime that something observers care about happened: (change type, its data).
+Notify = Callable[[str, dict[str, Any]], None]
 
 logger = logging.getLogger("promptise_asgi.runtime")
 
@@ -65,6 +68,7 @@ class AgentProcess:
         *,
         clock: Callable[[], float] = time.time,
         _host: TaskHost | None = None,
+        _notify: Notify | None = None,
     ) -> None:
         check_process_name(name)
         self._name = name
@@ -75,6 +79,7 @@ class AgentProcess:
         self._owns_host = _host is None
         self._host = _host if _host is not None else TaskHost()
         self._state = ProcessState.CREATED
+        self._notify = _notify
         self._lock = anyio.Lock()
         self._queue: EventQueue[TriggerEvent] = EventQueue()
         self._max_queue = self._config.max_queue
@@ -216,6 +221,12 @@ class AgentProcess:
 
     # -- lifecycle (callers hold self._lock) -----------------------------------------------------------------
 
+    def _set_state(self, state: ProcessState) -> None:
+        previous = self._state
+        self._state = state
+        if self._notify is not None and state is not previous:
+            self._notify("process.state", {"name": self._name, "state": state.value, "previous": previous.value})
+
     async def _start_locked(self) -> bool:
         if self._removed:
             raise RuntimeError(f"Process '{self._name}' was removed from its runtime")
@@ -226,11 +237,11 @@ class AgentProcess:
             # A stop that was itself cancelled left the old workers winding down: let them finish first.
             previous.workers.cancel()
             await previous.done.wait()
-        self._state = ProcessState.STARTING
+        self._set_state(ProcessState.STARTING)
         try:
             self._handler = resolve_handler(self._config.handler)
         except ValueError as exc:
-            self._state = ProcessState.FAILED
+            self._set_state(ProcessState.FAILED)
             self._last_error = describe_error(exc)
             logger.error("Process %r failed to start: %s", self._name, exc)
             raise
@@ -241,13 +252,13 @@ class AgentProcess:
             await task_group.start(self._run_body, run)
         finally:
             if self._state is ProcessState.STARTING:
-                self._state = ProcessState.STOPPED
+                self._set_state(ProcessState.STOPPED)
         return True
 
     async def _stop_locked(self, *, exiting: bool = False) -> bool:
         if self._state is not _RUNNING:
             return False
-        self._state = ProcessState.STOPPING
+        self._set_state(ProcessState.STOPPING)
         run = self._run
         assert run is not None
         requeued = self._events_requeued
@@ -284,12 +295,12 @@ class AgentProcess:
                         tg.start_soon(self._work, run)
                     if any(trigger.type != "event" for trigger in self._config.triggers):
                         tg.start_soon(self._run_triggers, run)
-                    self._state = _RUNNING
+                    self._set_state(_RUNNING)
                     self._started_at = time.monotonic()
                     task_status.started()
         finally:
             self._requeue_interrupted()
-            self._state = ProcessState.STOPPED
+            self._set_state(ProcessState.STOPPED)
             self._started_at = None
             self._next_fire = [None] * len(self._next_fire)
             run.done.set()

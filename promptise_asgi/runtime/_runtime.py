@@ -16,7 +16,7 @@ import anyio
 
 from ._host import TaskHost
 from ._models import ProcessConfig, ProcessState, check_process_name
-from ._process import AgentProcess
+from ._process import AgentProcess, Notify
 
 __all__ = ["AgentRuntime"]
 
@@ -33,6 +33,9 @@ class AgentRuntime:
     imperative style process tasks run under one supervisor task that ends with the host's event loop, so
     forgetting to stop never keeps a program from exiting.
 
+    Changes can be observed with `add_observer`: a plain callable, told of processes added and removed and of
+    every state change, so a transport can stream them without polling (it knows nothing of HTTP).
+
     Args:
         clock: wall clock in epoch seconds, used for cron schedules (injectable for tests).
     """
@@ -42,6 +45,28 @@ class AgentRuntime:
         self._view: Mapping[str, AgentProcess] = MappingProxyType(self._processes)
         self._clock = clock
         self._host = TaskHost()
+        self._observers: list[Notify] = []
+
+    def add_observer(self, observer: Notify) -> Callable[[], None]:
+        """Call `observer(change, data)` on every change, until the returned function is called.
+
+        Changes: `"process.added"` / `"process.removed"` `{"name"}` and `"process.state"`
+        `{"name", "state", "previous"}` (`state` and `previous` are `ProcessState` values). The observer runs
+        synchronously inside the runtime, so it must return at once (queue the change, never wait) and must
+        not raise; an exception it raises is logged and the runtime goes on.
+
+        Returns:
+            A function that removes the observer.
+        """
+        self._observers.append(observer)
+        return lambda: self._observers.remove(observer) if observer in self._observers else None
+
+    def _notify(self, change: str, data: dict[str, Any]) -> None:
+        for observer in self._observers:
+            try:
+                observer(change, data)
+            except Exception:
+                logger.exception("runtime observer %r failed on %s", observer, change)
 
     @property
     def processes(self) -> Mapping[str, AgentProcess]:
@@ -57,8 +82,9 @@ class AgentRuntime:
         check_process_name(name)
         if name in self._processes:
             raise ValueError(f"Process '{name}' already exists")
-        process = AgentProcess(name, config, clock=self._clock, _host=self._host)
+        process = AgentProcess(name, config, clock=self._clock, _host=self._host, _notify=self._notify)
         self._processes[name] = process
+        self._notify("process.added", {"name": name})
         return process
 
     async def remove_process(self, name: str) -> None:
@@ -73,6 +99,7 @@ class AgentRuntime:
             process._removed = True
             if self._processes.get(name) is process:
                 del self._processes[name]
+                self._notify("process.removed", {"name": name})
             # Nothing accepted disappears without a trace: these never ran, and they go with the process.
             process._discard_queued("with the process, which was removed")
 
