@@ -16,10 +16,12 @@ from urllib.parse import quote, urlsplit
 import anyio
 import httpx
 
+from ._change_stream import ChangeStream
+from ._changes import Change
 from ._errors import NodeError, NodeResponseTooLargeError, NodeTimeoutError, NodeUnreachableError, answer_error_text
 from ._validation import check_count, check_seconds, clean_token, normalize_url, redact_url
 
-__all__ = ["NodeClient", "NodeError", "NodeResponseTooLargeError", "NodeTimeoutError", "NodeUnreachableError"]
+__all__ = ["Change", "NodeClient", "NodeError", "NodeResponseTooLargeError", "NodeTimeoutError", "NodeUnreachableError"]
 
 
 def _check_token(auth_token: str | None) -> dict[str, str]:
@@ -307,6 +309,23 @@ class NodeClient:
             "metadata": {} if metadata is None else metadata,
         }
         return await self._object("POST", f"/processes/{_segment(name)}/event", body)
+
+    def changes(self, *, last_event_id: int | None = None) -> ChangeStream:
+        """GET /changes: the node's changes as they happen, reconnecting and resuming by id on their own.
+
+        The first change is a `snapshot` (the `/status` body) unless `last_event_id` can be resumed from; then
+        `process.state`, `process.counters`, `process.added`, `process.removed`, `node.phase`, ...
+
+        Example::
+
+            async with client.changes() as changes:
+                async for change in changes:
+                    print(change.id, change.type, change.data)
+
+        Raises:
+            NodeError: (while iterating) the node refused the stream for good (401, 403, 404).
+        """
+        return ChangeStream(self._client, self._base + "/changes", headers=self._headers, last_event_id=last_event_id)
 
     def __repr__(self) -> str:
         token = "'***'" if self._has_token else "None"

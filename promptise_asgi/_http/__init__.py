@@ -6,9 +6,11 @@ from __future__ import annotations
 from ._bodies import EventBody, parse_event_body, read_json_object
 from ._guard import CONTROL, NODE, ONLY_CONTROL, PROBE_PATHS, RequestGuard, ScopeRule, Scopes, route_path
 from ._responses import JSONResponse, dumps, error_response, exception_handlers, response_for_exception
+from ._sse import DEFAULT_PING_INTERVAL, encode_change, event_stream, requested_last_event_id
 
 __all__ = [
     "CONTROL",
+    "DEFAULT_PING_INTERVAL",
     "NODE",
     "ONLY_CONTROL",
     "PROBE_PATHS",
@@ -18,10 +20,13 @@ __all__ = [
     "ScopeRule",
     "Scopes",
     "dumps",
+    "encode_change",
     "error_response",
+    "event_stream",
     "exception_handlers",
     "parse_event_body",
     "read_json_object",
+    "requested_last_event_id",
     "response_for_exception",
     "route_path",
 ]

@@ -12,8 +12,8 @@ import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from .._http import RequestGuard, exception_handlers
-from .._validation import check_count, normalize_tokens
+from .._http import DEFAULT_PING_INTERVAL, RequestGuard, exception_handlers
+from .._validation import check_count, check_seconds, normalize_tokens
 from ._endpoints import NodeState, api_routes
 from ._fastpath import TransportApp
 from ._metrics import build_registry
@@ -34,6 +34,7 @@ def create_transport_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     retry_after: int = 1,
     manage_runtime: bool = False,
+    ping_interval: float = DEFAULT_PING_INTERVAL,
 ) -> Starlette:
     """Build the node's HTTP API (SPEC section 3) over `runtime`.
 
@@ -49,6 +50,8 @@ def create_transport_app(
             local reverse proxy forwards); they do not admit remote peers.
         max_body_bytes: the largest event body accepted (413 past it, refused while streaming).
         retry_after: seconds sent in `Retry-After` when a process queue is full.
+        ping_interval: seconds between the `: ping` comments that keep a quiet `/changes` stream open
+            through proxies.
         manage_runtime: start the runtime when the app's lifespan starts and stop it at shutdown. Leave it
             off when mounting (mounted apps get no lifespan events) and use `node_lifespan` instead.
 
@@ -62,7 +65,14 @@ def create_transport_app(
     check_count("max_body_bytes", max_body_bytes)
     guard = RequestGuard(tokens=tokens, trusted_hosts=trusted_hosts, allow_unauthenticated=allow_unauthenticated)
     app = TransportApp(
-        node=NodeState(runtime, node_id, max_body_bytes, retry_after, secured=bool(tokens)),
+        node=NodeState(
+            runtime,
+            node_id,
+            max_body_bytes,
+            retry_after,
+            secured=bool(tokens),
+            ping_interval=check_seconds("ping_interval", ping_interval),
+        ),
         guard=guard,
         routes=api_routes(),
         middleware=[Middleware(guard.protect)],
@@ -97,22 +107,24 @@ async def node_lifespan(app: Starlette) -> AsyncIterator[None]:
         app: an app built by `create_transport_app`.
     """
     node: NodeState = app.state.node
-    node.phase = "starting"
+    node.set_phase("starting")
     try:
         await node.runtime.start_all()
     except BaseException:
         # start_all starts what it can before raising: stop those too, so a failed start leaves nothing running.
-        node.phase = "stopped"
+        node.set_phase("stopped")
         with anyio.CancelScope(shield=True):
             await node.runtime.stop_all()
         raise
-    node.phase = "ready"
+    await node.changes.start()
+    node.set_phase("ready")
     try:
         yield
     finally:
-        node.phase = "draining"
+        node.set_phase("draining")
         try:
             runtime = node.runtime
             await (runtime.aclose() if isinstance(runtime, ClosableRuntime) else runtime.stop_all())
         finally:
-            node.phase = "stopped"
+            node.set_phase("stopped")
+            await node.changes.stop()

@@ -7,7 +7,7 @@ knows which server runs the app, how it is dispatched, or how nodes are discover
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from starlette.exceptions import HTTPException
@@ -15,8 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .._http import JSONResponse, dumps, error_response, parse_event_body, read_json_object
+from .._http import JSONResponse, dumps, error_response, event_stream, parse_event_body, read_json_object
 from . import _promptise as promptise
+from ._changes import NodeChanges
 from ._metrics import metrics_endpoint
 from ._openapi import node_openapi
 from ._shape import RuntimeLike
@@ -30,16 +31,32 @@ Phase = Literal["starting", "ready", "draining", "stopped"]
 
 @dataclass(eq=False)
 class NodeState:
-    """What the endpoints of one node app share: its runtime, its id, its settings and its lifecycle phase."""
+    """What the endpoints of one node app share: its runtime, its id, its settings, its lifecycle phase and its
+    change stream."""
 
     runtime: RuntimeLike
     node_id: str
     max_body_bytes: int
     retry_after: int
     secured: bool
+    ping_interval: float = 15.0
     phase: Phase = "starting"
     registration: Any = None  # a SelfRegistration, when the node keeps itself registered
     _health: tuple[int, bytes, dict[str, Any], dict[str, Any]] | None = None
+    changes: NodeChanges = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.changes = NodeChanges(self.runtime, self.status)
+
+    def status(self) -> dict[str, Any]:
+        """The `/status` body (also the data of a change stream's snapshot)."""
+        return {**self.runtime.status(), "node_id": self.node_id}
+
+    def set_phase(self, phase: Phase) -> None:
+        """Move to a lifecycle phase (`/readyz` follows it) and tell the change stream."""
+        if phase != self.phase:
+            self.phase = phase
+            self.changes.publish("node.phase", {"phase": phase})
 
     def health_body(self) -> bytes:
         """The body of `GET /health`, rebuilt only when the process count changes."""
@@ -94,8 +111,12 @@ async def readyz(request: Request) -> Response:
 
 
 async def status(request: Request) -> Response:
+    return JSONResponse(_node(request).status())
+
+
+async def changes(request: Request) -> Response:
     node = _node(request)
-    return JSONResponse({**node.runtime.status(), "node_id": node.node_id})
+    return event_stream(node.changes.hub, request, ping_interval=node.ping_interval)
 
 
 async def list_processes(request: Request) -> Response:
@@ -177,6 +198,7 @@ def api_routes() -> list[Route]:
         Route("/readyz", readyz, methods=["GET"]),
         Route("/status", status, methods=["GET"]),
         Route("/processes", list_processes, methods=["GET"]),
+        Route("/changes", changes, methods=["GET"]),
         Route("/processes/{name}/status", process_status, methods=["GET"]),
         Route("/processes/{name}/start", start_process, methods=["POST"]),
         Route("/processes/{name}/stop", stop_process, methods=["POST"]),

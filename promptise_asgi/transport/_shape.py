@@ -7,10 +7,10 @@ Nothing here knows about HTTP, and nothing here imports a concrete runtime.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ClosableRuntime", "ProcessLike", "RuntimeLike"]
+__all__ = ["ClosableRuntime", "ObservableRuntime", "ProcessLike", "RuntimeLike"]
 
 
 @runtime_checkable
@@ -56,3 +56,10 @@ class ClosableRuntime(Protocol):
     """A runtime with an exit of its own (the built-in one): `aclose()` stops everything and releases it."""
 
     async def aclose(self) -> Any: ...
+
+
+@runtime_checkable
+class ObservableRuntime(Protocol):
+    """A runtime that tells observers of processes added and removed and of state changes (the built-in one)."""
+
+    def add_observer(self, observer: Callable[[str, dict[str, Any]], None]) -> Callable[[], None]: ...

@@ -169,7 +169,10 @@ class RuntimeTransport:
         """Unregister, stop accepting, let in-flight requests finish, then drain and stop the runtime."""
         stack, self._stack = self._stack, None
         if stack is not None:
-            self.app.state.node.phase = "draining"
+            node = self.app.state.node
+            node.set_phase("draining")
+            # Open change streams would keep the server waiting for graceful_timeout: end them first.
+            node.changes.close_streams()
             await stack.aclose()
 
     async def __aenter__(self) -> RuntimeTransport:
