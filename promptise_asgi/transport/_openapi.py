@@ -132,6 +132,7 @@ def _document(root_path: str) -> dict[str, Any]:
             "/processes/{name}/stop": _lifecycle("stop", "stopped", changed=True),
             "/processes/{name}/restart": _lifecycle("restart", "restarted", changed=False),
             "/processes/{name}/event": {"post": inject},
+            "/changes": {"get": _changes_operation()},
             "/metrics": {
                 "get": {
                     "operationId": "metrics",
@@ -164,6 +165,44 @@ def _document(root_path: str) -> dict[str, Any]:
                 },
             },
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+# The change stream's message types (SPEC 13), as the OpenAPI document describes them to a reader.
+CHANGE_TYPES = {
+    "snapshot": "the /status body; the first message of a fresh stream",
+    "process.state": '{"name", "state", "previous"} on every state change',
+    "process.counters": '{"name", "queue_size", "in_flight", "events_received", "events_handled", "events_failed"}'
+    ", at most once per process per second, only when changed",
+    "process.added": '{"name"}',
+    "process.removed": '{"name"}',
+    "node.phase": '{"phase"}: starting, ready, draining, stopped (the /readyz phases)',
+    "process.dead_letter": '{"name", "event_id", "reason"}',
+}
+
+
+def _changes_operation() -> dict[str, Any]:
+    types = "; ".join(f"`{name}` {what}" for name, what in CHANGE_TYPES.items())
+    return {
+        "operationId": "changes",
+        "summary": "The node's changes as they happen (Server-Sent Events)",
+        "description": (
+            "A `text/event-stream` of messages with `id` (an integer that only grows), `event` and a JSON "
+            f"`data` object. Types: {types}. A `: ping` comment every 15 s keeps proxies open. Resume with "
+            "`Last-Event-ID` (or `?last_event_id=`): what came after it is replayed, or a fresh snapshot is "
+            "sent when it is too old to replay. A reader that falls 1,024 messages behind is disconnected."
+        ),
+        "parameters": [
+            {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "integer"}},
+            {"name": "last_event_id", "in": "query", "required": False, "schema": {"type": "integer"}},
+        ],
+        "responses": {
+            "200": {
+                "description": "The change stream",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **_errors(*_GUARDED, 503),
         },
     }
 
