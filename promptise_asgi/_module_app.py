@@ -59,6 +59,7 @@ class NodeApp:
             runtime,
             settings.node_id,
             auth_token=settings.auth_token,
+            read_token=settings.read_token,
             allow_unauthenticated=settings.allow_unauthenticated,
             trusted_hosts=settings.trusted_hosts,
             max_body_bytes=settings.max_body_bytes,

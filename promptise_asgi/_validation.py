@@ -84,7 +84,7 @@ def validate_metadata(metadata: object) -> dict[str, Any]:
     return copied
 
 
-def clean_token(token: object) -> str:
+def clean_token(token: object, name: str = "auth_token") -> str:
     """Return a bearer token with surrounding whitespace removed (a token read from a file ends in a newline).
 
     Raises:
@@ -92,10 +92,10 @@ def clean_token(token: object) -> str:
             cannot travel in an `Authorization` header. The message never repeats the token.
     """
     if not isinstance(token, str):
-        raise ValueError("auth_token must be a string")
+        raise ValueError(f"{name} must be a string")
     cleaned = token.strip()
     if not cleaned or not cleaned.isascii() or not cleaned.isprintable() or any(c.isspace() for c in cleaned):
-        raise ValueError("auth_token must be a non-empty string of printable ASCII characters without spaces")
+        raise ValueError(f"{name} must be a non-empty string of printable ASCII characters without spaces")
     return cleaned
 
 
@@ -274,21 +274,21 @@ def is_loopback_host(host: str) -> bool:
     return address.is_loopback
 
 
-def normalize_tokens(auth_token: str | Sequence[str] | None) -> tuple[bytes, ...]:
-    """Validate `auth_token` (one string, several for rotation, or None) and return the tokens as bytes.
+def normalize_tokens(auth_token: str | Sequence[str] | None, name: str = "auth_token") -> tuple[bytes, ...]:
+    """Validate a token setting (one string, several for rotation, or None) and return the tokens as bytes.
 
     Surrounding whitespace is removed (a token read from a file or an environment variable often ends in a
     newline; the presented credential is stripped too, so the two must match).
 
     Raises:
-        ValueError: a token is blank or not printable ASCII, or the sequence is empty.
+        ValueError: naming `name`: a token is blank or not printable ASCII, or the sequence is empty.
     """
     if auth_token is None:
         return ()
     tokens = [auth_token] if isinstance(auth_token, str) else list(auth_token)
     if not tokens:
-        raise ValueError("auth_token must be a non-empty string, a non-empty list of them, or None")
-    return tuple(clean_token(t).encode() for t in tokens)
+        raise ValueError(f"{name} must be a non-empty string, a non-empty list of them, or None")
+    return tuple(clean_token(t, name).encode() for t in tokens)
 
 
 def exposed_without_token(host: str, *, has_token: bool, allow_unauthenticated: bool) -> bool:

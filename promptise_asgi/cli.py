@@ -143,6 +143,7 @@ async def _run_node(args: argparse.Namespace) -> None:
         settings.port,
         settings.node_id,
         auth_token=settings.auth_token,
+        read_token=settings.read_token,
         allow_unauthenticated=args.allow_unauthenticated or settings.allow_unauthenticated,
         trusted_hosts=settings.trusted_hosts,
         server=settings.server,  # type: ignore[arg-type]
@@ -196,7 +197,12 @@ async def _run_coordinator(args: argparse.Namespace) -> None:
         auth_token=_node_token(),
         node_networks=args.node_network,
     )
-    app = create_coordinator_app(coordinator, auth_token=token, allow_unauthenticated=args.allow_unauthenticated)
+    app = create_coordinator_app(
+        coordinator,
+        auth_token=token,
+        read_token=os.environ.get("PROMPTISE_READ_TOKEN") or None,
+        allow_unauthenticated=args.allow_unauthenticated,
+    )
     server = AppServer(app, args.host, args.port, name="coordinator")
     try:
         async with coordinator:

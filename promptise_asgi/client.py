@@ -19,6 +19,7 @@ import httpx
 from ._change_stream import ChangeStream
 from ._changes import Change
 from ._errors import NodeError, NodeResponseTooLargeError, NodeTimeoutError, NodeUnreachableError, answer_error_text
+from ._request_id import CURRENT_REQUEST_ID
 from ._validation import check_count, check_seconds, clean_token, normalize_url, redact_url
 
 __all__ = ["Change", "NodeClient", "NodeError", "NodeResponseTooLargeError", "NodeTimeoutError", "NodeUnreachableError"]
@@ -216,7 +217,11 @@ class NodeClient:
 
     async def _fetch(self, method: str, url: str, body: Any, shown: str) -> tuple[httpx.Response, bytes]:
         limit = self._max_response_bytes
-        request = self._client.build_request(method, url, json=body, headers=self._headers, timeout=self._httpx_timeout)
+        headers = self._headers
+        request_id = CURRENT_REQUEST_ID.get()
+        if request_id is not None:  # a call made while serving a request carries that request's id on
+            headers = {**(headers or {}), "X-Request-ID": request_id}
+        request = self._client.build_request(method, url, json=body, headers=headers, timeout=self._httpx_timeout)
         response = await self._client.send(request, stream=True)
         chunks: list[bytes] = []
         try:

@@ -33,6 +33,7 @@ _NODE_KEYS: dict[str, type | tuple[type, ...]] = {
     "host": str,
     "port": int,
     "auth_token": str,
+    "read_token": str,
     "server": str,
     "coordinator_url": str,
     "advertise_url": str,
@@ -63,6 +64,7 @@ class NodeSettings:
         host: interface to bind (command line and file; default loopback).
         port: TCP port (default 9100).
         auth_token: bearer token (environment or file only, never a command-line flag).
+        read_token: read-only bearer token: GET routes and streams only (environment or file only).
         server: "uvicorn" or "hypercorn" (None picks by event loop).
         coordinator_url: register with this coordinator while running.
         advertise_url: the URL other machines reach this node at.
@@ -79,6 +81,7 @@ class NodeSettings:
     host: str = "127.0.0.1"
     port: int = 9100
     auth_token: str | None = None
+    read_token: str | None = None
     server: str | None = None
     coordinator_url: str | None = None
     advertise_url: str | None = None
@@ -150,7 +153,7 @@ def _parse(data: Mapping[str, Any], source: str) -> NodeSettings:
 def _apply_node(settings: NodeSettings, node: Mapping[str, Any]) -> None:
     if "id" in node:
         settings.node_id = _checked_node_id(node["id"])
-    for key in ("host", "server", "coordinator_url", "advertise_url", "auth_token"):
+    for key in ("host", "server", "coordinator_url", "advertise_url", "auth_token", "read_token"):
         if key in node:
             setattr(settings, key, node[key])
     if "port" in node:
@@ -180,11 +183,15 @@ def _check_common(settings: NodeSettings) -> None:
                 setattr(settings, key, normalize_url(value))
             except ValueError:
                 raise ValueError(f"field {key!r} must be an http(s) URL, not {value!r}") from None
-    if settings.auth_token is not None:
-        try:
-            settings.auth_token = clean_token(settings.auth_token)
-        except ValueError as exc:
-            raise ValueError(f"field 'auth_token': {exc}") from None
+    for key in ("auth_token", "read_token"):
+        value = getattr(settings, key)
+        if value is not None:
+            try:
+                setattr(settings, key, clean_token(value, key))
+            except ValueError as exc:
+                raise ValueError(f"field {key!r}: {exc}") from None
+    if settings.read_token is not None and settings.auth_token is None:
+        raise ValueError("field 'read_token' needs 'auth_token' (PROMPTISE_AUTH_TOKEN) as well")
 
 
 def _checked_node_id(value: object) -> str:
@@ -310,6 +317,7 @@ def resolve_settings(
     from_env: dict[str, Any] = {
         "node_id": env.get("PROMPTISE_NODE_ID"),
         "auth_token": env.get("PROMPTISE_AUTH_TOKEN"),
+        "read_token": env.get("PROMPTISE_READ_TOKEN"),
         "coordinator_url": env.get("PROMPTISE_COORDINATOR_URL"),
         "advertise_url": env.get("PROMPTISE_ADVERTISE_URL"),
         "trusted_hosts": env.get("PROMPTISE_TRUSTED_HOSTS"),

@@ -227,11 +227,14 @@ class TestNodeStream:
                 messages = await stream.until(lambda m: types_of(m).count("comment") >= 2)
         assert {"comment": "ping"} in messages
 
-    async def test_the_stream_needs_the_token_like_any_read_route(self) -> None:
-        async with node(auth_token="s3cret") as (_, transport), httpx.AsyncClient(base_url=transport.url) as client:
+    async def test_the_stream_needs_a_token_like_any_read_route_and_a_read_only_one_will_do(self) -> None:
+        options = {"auth_token": "s3cret", "read_token": "look-only"}
+        async with node(**options) as (_, transport), httpx.AsyncClient(base_url=transport.url) as client:
             assert (await client.get("/changes")).status_code == 401
-            async with SSE(client, "/changes", headers={"Authorization": "Bearer s3cret"}) as stream:
-                assert stream.response.status_code == 200
+            for token in ("s3cret", "look-only"):
+                async with SSE(client, "/changes", headers={"Authorization": f"Bearer {token}"}) as stream:
+                    assert stream.response.status_code == 200
+                    assert (await stream.until(lambda m: len(m) >= 1))[0]["event"] == "snapshot"
 
     async def test_stopping_a_node_with_100_open_streams_is_quick(self, anyio_backend: str) -> None:
         graceful = 2.0

@@ -181,3 +181,12 @@ def test_etcd_flag_overrides_and_is_validated(tmp_path: Path) -> None:
 def test_token_from_the_environment_loses_its_newline(tmp_path: Path) -> None:
     path = write(tmp_path, "[node]\nid = 'n'\n")
     assert resolve_settings(path, environ={"PROMPTISE_AUTH_TOKEN": "tok\n"}).auth_token == "tok"
+
+
+def test_read_token_from_the_environment_or_the_file_needs_an_auth_token(tmp_path: Path) -> None:
+    path = write(tmp_path, "[node]\nauth_token = 'control'\nread_token = 'look'\n")
+    assert resolve_settings(path, environ={}).read_token == "look"
+    env = {"PROMPTISE_AUTH_TOKEN": "control", "PROMPTISE_READ_TOKEN": "viewer\n"}
+    assert resolve_settings(write(tmp_path, "[node]\n"), environ=env).read_token == "viewer"
+    with pytest.raises(ConfigError, match="'read_token' needs 'auth_token'"):
+        resolve_settings(write(tmp_path, "[node]\nread_token = 'look'\n"), environ={})

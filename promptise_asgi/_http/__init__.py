@@ -3,8 +3,21 @@ mapping, bounded body reading and the request guard. Knows Starlette, not the ru
 
 from __future__ import annotations
 
+from ._audit import RequestLog, audit_logger
 from ._bodies import EventBody, parse_event_body, read_json_object
-from ._guard import CONTROL, NODE, ONLY_CONTROL, PROBE_PATHS, RequestGuard, ScopeRule, Scopes, route_path
+from ._guard import (
+    CONTROL,
+    NODE,
+    ONLY_CONTROL,
+    PROBE_PATHS,
+    READ,
+    RequestGuard,
+    ScopeRule,
+    Scopes,
+    route_path,
+    scoped_tokens,
+    token_fingerprint,
+)
 from ._responses import JSONResponse, dumps, error_response, exception_handlers, response_for_exception
 from ._sse import DEFAULT_PING_INTERVAL, encode_change, event_stream, requested_last_event_id
 
@@ -14,11 +27,14 @@ __all__ = [
     "NODE",
     "ONLY_CONTROL",
     "PROBE_PATHS",
+    "READ",
     "EventBody",
     "JSONResponse",
     "RequestGuard",
+    "RequestLog",
     "ScopeRule",
     "Scopes",
+    "audit_logger",
     "dumps",
     "encode_change",
     "error_response",
@@ -29,4 +45,6 @@ __all__ = [
     "requested_last_event_id",
     "response_for_exception",
     "route_path",
+    "scoped_tokens",
+    "token_fingerprint",
 ]

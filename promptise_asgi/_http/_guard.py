@@ -6,6 +6,7 @@ Knows Starlette's ASGI types, nothing of the routes behind it.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Callable, Collection, Iterable, Mapping
 
@@ -15,15 +16,30 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .._validation import is_loopback_host
 from ._responses import error_response
 
-__all__ = ["CONTROL", "NODE", "ONLY_CONTROL", "PROBE_PATHS", "RequestGuard", "ScopeRule", "Scopes", "route_path"]
+__all__ = [
+    "CONTROL",
+    "NODE",
+    "ONLY_CONTROL",
+    "PROBE_PATHS",
+    "READ",
+    "RequestGuard",
+    "ScopeRule",
+    "Scopes",
+    "route_path",
+    "scoped_tokens",
+    "token_fingerprint",
+]
 
 PROBE_PATHS = ("/health", "/livez", "/readyz")
 
 # What a token may do. A token maps to one or more scopes; a route accepts some of them.
 CONTROL = "control"  # the operator's token: every route of the app
 NODE = "node"  # the token a coordinator shares with its nodes: registering, heartbeating, unregistering
+READ = "read"  # a read-only token: GET routes and streams only
 Scopes = frozenset[str]
 ONLY_CONTROL: Scopes = frozenset({CONTROL})
+_READ: Scopes = frozenset({READ})
+_SAFE_METHODS = frozenset({"GET", "HEAD"})
 ScopeRule = Callable[[str, str], Scopes]
 
 # Longest Host/Origin/peer value whose verdict is remembered: a guard must not be a place to park memory.
@@ -79,7 +95,8 @@ class RequestGuard:
     - A route that some configured token could authorize needs `Authorization: Bearer <token>` (scheme
       case-insensitive, constant-time compare against every token): 401 without a valid one, 403 when the
       token is valid but its scope does not cover the route (`scopes_for(method, path)` names the scopes a
-      route accepts; by default every route accepts the `control` scope, which every plain token has).
+      route accepts; by default every route accepts the `control` scope, which every plain token has, and
+      GET routes and streams also the `read` scope of a read-only token).
     - A route no configured token covers is served only to the machine itself, unless the user opted out
       with `allow_unauthenticated`: a peer (`scope["client"]`) that is not loopback gets 403 whatever its
       `Host` says, a non-loopback `Host` gets 421 and a non-loopback `Origin` (including `null`) gets 403,
@@ -133,7 +150,10 @@ class RequestGuard:
         path = route_path(scope)
         if path in self.open_paths:
             return None
-        accepted = ONLY_CONTROL if self._scopes_for is None else self._scopes_for(scope["method"], path)
+        method = scope["method"]
+        accepted = ONLY_CONTROL if self._scopes_for is None else self._scopes_for(method, path)
+        if method in _SAFE_METHODS:
+            accepted = accepted | _READ
         if accepted & self._configured:
             presented = self._presented_scopes(scope)
             if not presented:
@@ -165,19 +185,38 @@ class RequestGuard:
         return host is not None and (is_loopback_host(host) or host.lower() in self.trusted_hosts)
 
     def _presented_scopes(self, scope: Scope) -> Scopes:
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                scheme, _, credentials = value.partition(b" ")
-                if scheme.lower() != b"bearer":
-                    return frozenset()
-                presented = credentials.strip()
-                # Compare against every token so timing does not reveal which one (or whether any) matched.
-                granted: Scopes = frozenset()
-                for token, scopes in self.tokens:
-                    if hmac.compare_digest(presented, token):
-                        granted |= scopes
-                return granted
-        return frozenset()
+        presented = _bearer(scope)
+        if presented is None:
+            return frozenset()
+        # Compare against every token so timing does not reveal which one (or whether any) matched.
+        granted: Scopes = frozenset()
+        for token, scopes in self.tokens:
+            if hmac.compare_digest(presented, token):
+                granted |= scopes
+        return granted
+
+    def classify(self, scope: Scope) -> tuple[str, str | None]:
+        """For the audit log: the request's scope (`control`, `node`, `read` or `open`) and the fingerprint of
+        the token it presented (None without one); never the token."""
+        presented = _bearer(scope)
+        if presented is None:
+            return "open", None
+        granted = self._presented_scopes(scope)
+        kind = next((name for name in (CONTROL, NODE, READ) if name in granted), "open")
+        return kind, token_fingerprint(presented)
+
+
+def _bearer(scope: Scope) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            scheme, _, credentials = value.partition(b" ")
+            return credentials.strip() if scheme.lower() == b"bearer" else None
+    return None
+
+
+def token_fingerprint(token: bytes) -> str:
+    """The first 8 hex characters of a token's SHA-256: enough to tell tokens apart in a log, never the token."""
+    return hashlib.sha256(token).hexdigest()[:8]
 
 
 def _is_local_peer(address: str) -> bool:
@@ -187,6 +226,8 @@ def _is_local_peer(address: str) -> bool:
 
 
 def _forbidden_message(presented: Scopes, accepted: Scopes) -> str:
+    if presented == _READ:
+        return "Forbidden: read-only token"
     if accepted == {NODE}:
         return "Forbidden: registering nodes needs the node token"
     if presented == {NODE}:
@@ -201,3 +242,18 @@ def route_path(scope: Scope) -> str:
     if root_path and path.startswith(root_path):
         return path[len(root_path) :] or "/"
     return path
+
+
+def scoped_tokens(control: Iterable[bytes], read: Iterable[bytes] = ()) -> dict[bytes, Scopes]:
+    """The token -> scopes map of an app with control tokens and read-only tokens (a token in both has both).
+
+    Raises:
+        ValueError: read-only tokens without a control token (the writes would be left to the loopback rule).
+    """
+    control, read = tuple(control), tuple(read)
+    if read and not control:
+        raise ValueError("read_token needs auth_token: without it, writes would be open to this machine")
+    granted: dict[bytes, Scopes] = {token: ONLY_CONTROL for token in control}
+    for token in read:
+        granted[token] = granted.get(token, frozenset()) | _READ
+    return granted

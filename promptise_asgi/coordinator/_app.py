@@ -22,10 +22,12 @@ from .._http import (
     ONLY_CONTROL,
     JSONResponse,
     RequestGuard,
+    RequestLog,
     Scopes,
     exception_handlers,
     parse_event_body,
     read_json_object,
+    scoped_tokens,
 )
 from .._validation import normalize_tokens
 from ._core import RuntimeCoordinator
@@ -156,6 +158,7 @@ def create_coordinator_app(
     coordinator: RuntimeCoordinator,
     *,
     auth_token: str | Sequence[str] | None = None,
+    read_token: str | Sequence[str] | None = None,
     allow_unauthenticated: bool = False,
     trusted_hosts: Sequence[str] = (),
     max_body_bytes: int = 1024 * 1024,
@@ -174,6 +177,7 @@ def create_coordinator_app(
     Args:
         coordinator: the coordinator to serve.
         auth_token: the operator's token (or tokens) for every other route.
+        read_token: a read-only token (or tokens): GET routes and streams only, 403 on anything else.
         allow_unauthenticated: with no token, serve any peer (drop the loopback guard).
         trusted_hosts: `Host`/`Origin` names accepted besides loopback by that guard.
         max_body_bytes: the largest request body accepted.
@@ -181,7 +185,7 @@ def create_coordinator_app(
     Raises:
         ValueError: a blank token.
     """
-    tokens: dict[bytes, Scopes] = {token: ONLY_CONTROL for token in normalize_tokens(auth_token)}
+    tokens = scoped_tokens(normalize_tokens(auth_token), normalize_tokens(read_token, "read_token"))
     node_token = coordinator.node_token
     if node_token is not None:
         key = node_token.encode()
@@ -207,7 +211,8 @@ def create_coordinator_app(
         scopes_for=_scope_rule(node_token is not None),
         what="coordinator",
     )
-    app = Starlette(routes=routes, middleware=[Middleware(guard.protect)], exception_handlers=exception_handlers())
+    middleware = [Middleware(RequestLog(guard).wrap), Middleware(guard.protect)]
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=exception_handlers())
     app.router.redirect_slashes = False
     app.state.coordinator = coordinator
     app.state.max_body_bytes = max_body_bytes

@@ -20,6 +20,7 @@ from anyio.abc import ByteStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .._errors import NodeError, NodeTimeoutError, NodeUnreachableError, answer_error_text
+from .._request_id import CURRENT_REQUEST_ID
 
 __all__ = ["HealthProbe"]
 
@@ -71,6 +72,9 @@ class HealthProbe:
         request = f"GET {parts.path}/health HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\n"
         if token:
             request += f"Authorization: Bearer {token}\r\n"
+        request_id = CURRENT_REQUEST_ID.get()
+        if request_id is not None:
+            request += f"X-Request-ID: {request_id}\r\n"
         raw = (request + "\r\n").encode("latin-1")
         try:
             with anyio.fail_after(self.timeout):

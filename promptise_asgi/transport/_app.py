@@ -12,7 +12,7 @@ import anyio
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
-from .._http import DEFAULT_PING_INTERVAL, RequestGuard, exception_handlers
+from .._http import DEFAULT_PING_INTERVAL, RequestGuard, exception_handlers, scoped_tokens
 from .._validation import check_count, check_seconds, normalize_tokens
 from ._endpoints import NodeState, api_routes
 from ._fastpath import TransportApp
@@ -29,6 +29,7 @@ def create_transport_app(
     node_id: str = "node-1",
     *,
     auth_token: str | Sequence[str] | None = None,
+    read_token: str | Sequence[str] | None = None,
     allow_unauthenticated: bool = False,
     trusted_hosts: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -43,6 +44,8 @@ def create_transport_app(
         node_id: the id this node reports.
         auth_token: a bearer token, or several (rotation). Every route but `/health`, `/livez` and `/readyz`
             then needs `Authorization: Bearer <token>`.
+        read_token: a read-only token, or several: GET routes and the change stream only; any other method
+            with it is 403. Needs `auth_token`.
         allow_unauthenticated: with no token, serve any peer: skip the guard that otherwise refuses a
             non-loopback client (403), `Host` (421) and `Origin` (403). For a node behind an authenticating
             proxy or on a private network. Off by default.
@@ -63,7 +66,11 @@ def create_transport_app(
     """
     tokens = normalize_tokens(auth_token)
     check_count("max_body_bytes", max_body_bytes)
-    guard = RequestGuard(tokens=tokens, trusted_hosts=trusted_hosts, allow_unauthenticated=allow_unauthenticated)
+    guard = RequestGuard(
+        tokens=scoped_tokens(tokens, normalize_tokens(read_token, "read_token")),
+        trusted_hosts=trusted_hosts,
+        allow_unauthenticated=allow_unauthenticated,
+    )
     app = TransportApp(
         node=NodeState(
             runtime,

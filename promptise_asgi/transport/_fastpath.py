@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from .._http import RequestGuard, response_for_exception, route_path
+from .._http import RequestGuard, RequestLog, response_for_exception, route_path
 from ._endpoints import NodeState, health
 
 __all__ = ["DispatchTable", "TransportApp"]
@@ -79,6 +79,7 @@ class TransportApp(Starlette):
         super().__init__(**kwargs)
         self.state.node = node
         self._guard = guard
+        self._request_log = RequestLog(guard)
         self._table = DispatchTable(self.router.routes)
         self._direct = True
 
@@ -92,7 +93,13 @@ class TransportApp(Starlette):
         super().add_exception_handler(exc_class_or_status_code, handler)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        endpoint = self._table.match(scope) if self._direct and scope["type"] == "http" else None
+        if scope["type"] == "http":
+            await self._request_log(scope, receive, send, self._dispatch)
+        else:
+            await super().__call__(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        endpoint = self._table.match(scope) if self._direct else None
         if endpoint is None:
             await super().__call__(scope, receive, send)
             return
