@@ -124,6 +124,7 @@ class RequestGuard:
         granted = tokens.items() if isinstance(tokens, Mapping) else ((token, ONLY_CONTROL) for token in tokens)
         self.tokens: tuple[tuple[bytes, Scopes], ...] = tuple((token, frozenset(s)) for token, s in granted)
         self._configured: Scopes = frozenset().union(*(scopes for _, scopes in self.tokens))
+        self.has_tokens = bool(self.tokens)
         self.open_paths = frozenset(open_paths)
         self.trusted_hosts = frozenset(h.lower() for h in trusted_hosts)
         self.allow_unauthenticated = allow_unauthenticated

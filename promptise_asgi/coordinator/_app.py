@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import quote
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -18,12 +19,15 @@ from starlette.routing import Route
 
 from .._errors import MetadataTooLargeError
 from .._http import (
+    DEFAULT_PING_INTERVAL,
     NODE,
     ONLY_CONTROL,
+    PROBE_PATHS,
     JSONResponse,
     RequestGuard,
     RequestLog,
     Scopes,
+    event_stream,
     exception_handlers,
     parse_event_body,
     read_json_object,
@@ -31,6 +35,7 @@ from .._http import (
 )
 from .._validation import normalize_tokens
 from ._core import RuntimeCoordinator
+from ._ui import UI_PATHS, ui_routes
 
 __all__ = ["create_coordinator_app"]
 
@@ -54,6 +59,30 @@ async def health(request: Request) -> Response:
 
 async def livez(request: Request) -> Response:
     return JSONResponse({"status": "alive"})
+
+
+async def access(request: Request) -> Response:
+    """What the caller may do: `control`, `read` (no control buttons) or `node`; the dashboard asks at sign-in."""
+    guard: RequestGuard = request.app.state.guard
+    kind = guard.classify(request.scope)[0] if guard.has_tokens else "control"
+    return JSONResponse({"scope": kind})
+
+
+async def changes(request: Request) -> Response:
+    return event_stream(_coordinator(request).change_hub, request, ping_interval=request.app.state.ping_interval)
+
+
+async def node_status(request: Request) -> Response:
+    node_id = _known_node(request)
+    return JSONResponse(await _coordinator(request).node_request(node_id, "GET", "/status"))
+
+
+async def node_dead_letters(request: Request) -> Response:
+    node_id = _known_node(request)
+    path = f"/processes/{quote(request.path_params['name'], safe='')}/dead-letters"
+    if request.url.query:
+        path += f"?{request.url.query}"
+    return JSONResponse(await _coordinator(request).node_request(node_id, "GET", path))
 
 
 async def cluster_status(request: Request) -> Response:
@@ -162,6 +191,7 @@ def create_coordinator_app(
     allow_unauthenticated: bool = False,
     trusted_hosts: Sequence[str] = (),
     max_body_bytes: int = 1024 * 1024,
+    ping_interval: float = DEFAULT_PING_INTERVAL,
 ) -> Starlette:
     """Serve a coordinator over HTTP (SPEC 8.2).
 
@@ -181,6 +211,7 @@ def create_coordinator_app(
         allow_unauthenticated: with no token, serve any peer (drop the loopback guard).
         trusted_hosts: `Host`/`Origin` names accepted besides loopback by that guard.
         max_body_bytes: the largest request body accepted.
+        ping_interval: seconds between the `: ping` comments of a quiet `/cluster/changes` stream.
 
     Raises:
         ValueError: a blank token.
@@ -191,10 +222,15 @@ def create_coordinator_app(
         key = node_token.encode()
         tokens[key] = tokens.get(key, frozenset()) | {NODE}
     routes = [
+        *ui_routes(),
         Route("/health", health, methods=["GET"]),
         Route("/livez", livez, methods=["GET"]),
         Route("/readyz", livez, methods=["GET"]),
         Route("/cluster/status", cluster_status, methods=["GET"]),
+        Route("/cluster/access", access, methods=["GET"]),
+        Route("/cluster/changes", changes, methods=["GET"]),
+        Route("/cluster/nodes/{node_id}/status", node_status, methods=["GET"]),
+        Route("/cluster/nodes/{node_id}/processes/{name}/dead-letters", node_dead_letters, methods=["GET"]),
         Route("/cluster/nodes", nodes, methods=["GET", "POST"]),
         Route("/cluster/nodes/{node_id}", unregister_node, methods=["DELETE"]),
         Route("/cluster/nodes/{node_id}/heartbeat", heartbeat, methods=["POST"]),
@@ -210,10 +246,13 @@ def create_coordinator_app(
         allow_unauthenticated=allow_unauthenticated,
         scopes_for=_scope_rule(node_token is not None),
         what="coordinator",
+        open_paths=(*PROBE_PATHS, *UI_PATHS),
     )
     middleware = [Middleware(RequestLog(guard).wrap), Middleware(guard.protect)]
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=exception_handlers())
     app.router.redirect_slashes = False
     app.state.coordinator = coordinator
+    app.state.guard = guard
+    app.state.ping_interval = ping_interval
     app.state.max_body_bytes = max_body_bytes
     return app

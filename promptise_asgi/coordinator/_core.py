@@ -20,6 +20,7 @@ import anyio
 import httpx
 from anyio.abc import TaskGroup
 
+from .._changes import ChangeHub, Subscription
 from .._errors import (
     ClusterFullError,
     DiscoveryUnavailableError,
@@ -71,6 +72,7 @@ class NodeInfo:
         missed_checks: consecutive failed checks; a node that misses some stays healthy until `node_timeout`.
         last_error: why the last check failed (None after a success).
         health: the node's last `/health` answer.
+        processes: the node's processes as `[{"name", "state"}]`, as last learned (None until then).
     """
 
     node_id: str
@@ -83,6 +85,7 @@ class NodeInfo:
     missed_checks: int = 0
     last_error: str | None = None
     health: dict[str, Any] | None = None
+    processes: list[dict[str, str]] | None = None
     auth_token: str | None = field(default=None, repr=False)
     _last_ok: float | None = field(default=None, repr=False)  # monotonic, for node_timeout
 
@@ -90,6 +93,10 @@ class NodeInfo:
     def is_healthy(self) -> bool:
         """True when the last verdict is healthy (possibly with missed checks inside `node_timeout`)."""
         return self.status == "healthy"
+
+    def health_fields(self) -> tuple[bool, bool, int, str]:
+        """What a `node.health` change reports: healthy, missed_check, process_count, error."""
+        return self.status == "healthy", self.missed_checks > 0, self.process_count, self.last_error or ""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (never the token)."""
@@ -201,6 +208,7 @@ class RuntimeCoordinator:
         self._probe = HealthProbe(timeout=self.request_timeout, ssl_context=self._ssl)
         self._monitor: TaskGroup | None = None
         self._skipped: dict[str, str] = {}  # discovered entries refused, by id (to log each one once)
+        self._changes = ChangeHub(self.table_status)
 
     # -- node table -----------------------------------------------------------------------------------------
 
@@ -304,6 +312,7 @@ class RuntimeCoordinator:
         if info is None:
             return False
         self._retire(node_id, info.url)
+        self._changes.publish("node.left", {"node_id": node_id, "reason": "unregistered"})
         return True
 
     def unregister_node(self, node_id: str) -> None:
@@ -315,6 +324,7 @@ class RuntimeCoordinator:
         info = self.get_node(node_id)
         del self._nodes[node_id]
         self._retire(node_id, info.url)
+        self._changes.publish("node.left", {"node_id": node_id, "reason": "unregistered"})
 
     def get_node(self, node_id: str) -> NodeInfo:
         """Return a node's info.
@@ -379,6 +389,7 @@ class RuntimeCoordinator:
         if info is None or info.url != url:
             info = NodeInfo(node_id, url, metadata, source, auth_token=auth_token)
             self._nodes[node_id] = info
+            self._changes.publish("node.joined", {"node_id": node_id, "url": url, "metadata": dict(metadata)})
         else:
             info.metadata = metadata
             info.source = source if info.source == "discovered" else info.source
@@ -421,14 +432,19 @@ class RuntimeCoordinator:
             self._upsert(node.node_id, url, meta, "discovered")
         for node_id in [n for n, info in self._nodes.items() if info.source == "discovered" and n not in seen]:
             self._retire(node_id, self._nodes.pop(node_id).url)
+            self._changes.publish("node.left", {"node_id": node_id, "reason": "expired"})
         if len(self._skipped) > len(seen):
             self._skipped = {n: u for n, u in self._skipped.items() if n in seen}
         await self._close_retired()
 
     # -- health -------------------------------------------------------------------------------------------
 
-    async def check_health(self) -> dict[str, dict[str, Any]]:
+    async def check_health(self, *, processes: bool = False) -> dict[str, dict[str, Any]]:
         """Check every node at once (bounded by `max_concurrency`, each within `request_timeout`).
+
+        Args:
+            processes: also read each healthy node's `/processes`, for `node.processes` changes (the monitor's
+                rounds do; an on-demand status does not need to).
 
         Returns:
             node id -> the node's `/health` answer, or `{"status": "unhealthy", "error": ...}`.
@@ -439,13 +455,15 @@ class RuntimeCoordinator:
         targets = list(self._nodes.values())
         async with anyio.create_task_group() as tg:
             for info in targets:
-                tg.start_soon(self._check_one, info, results)
+                tg.start_soon(self._check_one, info, results, processes)
         return results
 
-    async def _check_one(self, info: NodeInfo, results: dict[str, dict[str, Any]]) -> None:
+    async def _check_one(self, info: NodeInfo, results: dict[str, dict[str, Any]], processes: bool = False) -> None:
+        before = info.health_fields()
+        token = info.auth_token or self._auth_token
         try:
             async with self._limiter:
-                health = await self._probe.health(info.url, info.auth_token or self._auth_token)
+                health = await self._probe.health(info.url, token)
         except Exception as exc:  # whatever one node does, the round (and status) goes on
             if not isinstance(exc, NodeError | NodeUnreachableError):
                 logger.exception("health check of node %s failed unexpectedly", info.node_id)
@@ -460,6 +478,39 @@ class RuntimeCoordinator:
             info.missed_checks = 0
             info.last_error = None
             results[info.node_id] = health
+            if processes:
+                await self._learn_processes(info, token)
+        self._health_changed(info, before)
+
+    async def _learn_processes(self, info: NodeInfo, token: str | None) -> None:
+        try:
+            async with self._limiter:
+                answer = await self._probe.get(info.url, "/processes", token)
+        except Exception:  # the health verdict stands; the process list is learned next time
+            return
+        listed = answer.get("processes")
+        if isinstance(listed, list):
+            self.note_processes(info.node_id, listed)
+
+    def note_processes(self, node_id: str, processes: list[Any]) -> None:
+        """Record what a node runs (from a check or a heartbeat digest) and announce a change of it."""
+        info = self._nodes.get(node_id)
+        if info is None:
+            return
+        current = [{"name": str(p.get("name")), "state": str(p.get("state"))} for p in processes if isinstance(p, dict)]
+        if current != info.processes:
+            info.processes = current
+            self._changes.publish("node.processes", {"node_id": node_id, "processes": current})
+
+    def _health_changed(self, info: NodeInfo, before: tuple[bool, bool, int, str]) -> None:
+        after = info.health_fields()
+        if after != before and info.node_id in self._nodes:
+            healthy, missed, count, error = after
+            self._changes.publish(
+                "node.health",
+                {"node_id": info.node_id, "healthy": healthy, "missed_check": missed, "process_count": count,
+                 "error": error},
+            )  # fmt: skip
 
     def _record_failure(self, info: NodeInfo, exc: Exception) -> None:
         info.missed_checks += 1
@@ -480,7 +531,15 @@ class RuntimeCoordinator:
             backend also `"discovery": {"ok", "error", "since"}` (`since`: when it started failing).
         """
         results = await self.check_health()
-        nodes = {node_id: {**info.to_dict(), "health": results.get(node_id)} for node_id, info in self._nodes.items()}
+        return self._summary({node_id: results.get(node_id) for node_id in self._nodes})
+
+    def table_status(self) -> dict[str, Any]:
+        """The cluster as the table knows it now, without checking anything (what a change stream's snapshot
+        holds); each node's `"health"` is its last `/health` answer."""
+        return self._summary({node_id: info.health for node_id, info in self._nodes.items()})
+
+    def _summary(self, health: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
+        nodes = {node_id: {**info.to_dict(), "health": health.get(node_id)} for node_id, info in self._nodes.items()}
         healthy = [info for info in self._nodes.values() if info.is_healthy]
         status: dict[str, Any] = {
             "total_nodes": len(nodes),
@@ -493,7 +552,40 @@ class RuntimeCoordinator:
             status["discovery"] = self._discovery_health.to_dict()
         return status
 
+    # -- change stream -------------------------------------------------------------------------------------
+
+    @property
+    def change_hub(self) -> ChangeHub:
+        """The hub the coordinator's changes are published to (`/cluster/changes` reads it)."""
+        return self._changes
+
+    def changes(self, *, last_event_id: int | None = None) -> Subscription:
+        """The cluster's changes as they happen, in process: a snapshot first (unless `last_event_id` can be
+        resumed from), then `node.joined`, `node.left`, `node.health` and `node.processes`.
+
+        Example::
+
+            async with coordinator.changes() as changes:
+                while True:
+                    change = await changes.receive()
+
+        A reader that falls 1,024 changes behind is cut off (`receive()` raises `anyio.EndOfStream` and
+        `.lagged` is true): subscribe again with the last id received.
+        """
+        return self._changes.subscribe(last_event_id)
+
     # -- remote control -------------------------------------------------------------------------------------
+
+    async def node_request(self, node_id: str, method: str, path: str) -> Any:
+        """Send one request to a node's API (a path below its URL, already percent-encoded) and return its JSON.
+
+        What the dashboard reads through the coordinator: a node's `/status`, its dead letters.
+
+        Raises:
+            KeyError: unknown node.
+            NodeError / NodeUnreachableError: as for `start_process_on_node`.
+        """
+        return await self._client(self.get_node(node_id)).request(method, path)
 
     async def start_process_on_node(self, node_id: str, process: str) -> dict[str, Any]:
         """Start `process` on a node; returns the node's answer.
@@ -624,13 +716,14 @@ class RuntimeCoordinator:
     async def _run_monitor(self) -> None:
         while True:
             try:
-                await self.check_health()
+                await self.check_health(processes=True)
             except Exception:  # a bug in one round must not end monitoring
                 logger.exception("health check round failed")
             await anyio.sleep(self.health_check_interval)
 
     async def aclose(self) -> None:
-        """Close every node's connection pool."""
+        """Close every node's connection pool and end the change streams."""
+        self._changes.close()
         self._retired.extend(pool for _, pool in self._pools.values())
         self._pools.clear()
         await self._close_retired()

@@ -55,7 +55,11 @@ class HealthProbe:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
 
     async def health(self, url: str, token: str | None = None) -> dict[str, Any]:
-        """Return the node's decoded `/health` answer.
+        """Return the node's decoded `/health` answer (see `get`)."""
+        return await self.get(url, "/health", token)
+
+    async def get(self, url: str, path: str, token: str | None = None) -> dict[str, Any]:
+        """Return the node's decoded answer to `GET <url><path>`, a JSON object.
 
         Raises:
             NodeError: a non-2xx answer (with the node's message) or one that is not a JSON object.
@@ -67,9 +71,9 @@ class HealthProbe:
         secure = parts.scheme == "https"
         port = parts.port or (443 if secure else 80)
         key = (parts.scheme, host, port)
-        target = f"{url}/health"
+        target = f"{url}{path}"
         authority = parts.netloc.rpartition("@")[2]
-        request = f"GET {parts.path}/health HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\n"
+        request = f"GET {parts.path}{path} HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\n"
         if token:
             request += f"Authorization: Bearer {token}\r\n"
         request_id = CURRENT_REQUEST_ID.get()

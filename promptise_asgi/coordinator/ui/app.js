@@ -1,0 +1,408 @@
+// The cluster dashboard: plain JavaScript, no build step, no dependency.
+// Every value that comes from a node (ids, URLs, metadata, process names, errors) is inserted as text, never
+// as HTML. The token lives in sessionStorage and travels as a bearer header; the change stream is read with
+// fetch, because EventSource cannot send headers.
+
+const PAGE_SIZE = 100;
+const FEED_SIZE = 100;
+const TOKEN_KEY = "promptise-asgi-token";
+
+const state = {
+  token: sessionStorage.getItem(TOKEN_KEY),
+  scope: "open",
+  nodes: new Map(), // node id -> the node's entry of /cluster/status
+  rows: new Map(), // node id -> its <tr>, reused across renders
+  page: 0,
+  filter: "",
+  selected: null,
+  lastEventId: null,
+};
+
+// The page lives at <coordinator>/ui/; the API is one level up, wherever the coordinator is mounted.
+const API = new URL("..", document.baseURI);
+
+const $ = (id) => document.getElementById(id);
+
+function element(tag, text, className) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (className) node.className = className;
+  return node;
+}
+
+// -- talking to the coordinator -------------------------------------------------------------------------
+
+async function api(path, options = {}) {
+  const headers = new Headers(options.headers || {});
+  if (state.token) headers.set("Authorization", `Bearer ${state.token}`);
+  if (options.body !== undefined) headers.set("Content-Type", "application/json");
+  const response = await fetch(new URL(path, API), { ...options, headers, cache: "no-store" });
+  if (response.status === 401) {
+    showLogin(state.token ? "That token was refused." : "");
+    throw new Error("unauthorized");
+  }
+  return response;
+}
+
+async function json(path, options) {
+  const response = await api(path, options);
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+  return body;
+}
+
+function parsePayload(text) {
+  let payload;
+  try {
+    payload = JSON.parse(text || "{}");
+  } catch (error) {
+    throw new Error(`the payload is not JSON: ${error.message}`);
+  }
+  if (payload === null || typeof payload !== "object" || Array.isArray(payload)) {
+    throw new Error("the payload must be a JSON object");
+  }
+  return payload;
+}
+
+// -- sign in -----------------------------------------------------------------------------------------------
+
+function showLogin(message) {
+  $("dashboard").hidden = true;
+  $("login").hidden = false;
+  $("login-error").textContent = message || "";
+  $("token").focus();
+}
+
+async function start() {
+  try {
+    state.scope = (await json("cluster/access")).scope;
+  } catch (error) {
+    if (error.message !== "unauthorized") $("connection").textContent = `error: ${error.message}`;
+    return;
+  }
+  $("login").hidden = true;
+  $("dashboard").hidden = false;
+  document.body.classList.toggle("read-only", state.scope === "read");
+  $("scope").textContent = state.scope === "read" ? "read-only" : "";
+  await loadStatus();
+  stream();
+}
+
+$("login-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  state.token = $("token").value.trim();
+  sessionStorage.setItem(TOKEN_KEY, state.token);
+  start();
+});
+
+// -- the node table ---------------------------------------------------------------------------------------
+
+async function loadStatus() {
+  const status = await json("cluster/status");
+  applySnapshot(status);
+}
+
+function applySnapshot(status) {
+  state.nodes = new Map(Object.entries(status.nodes || {}));
+  renderSummary(status);
+  renderTable();
+}
+
+function renderSummary(status) {
+  const nodes = [...state.nodes.values()];
+  const healthy = nodes.filter((node) => node.status === "healthy");
+  $("total-nodes").textContent = nodes.length;
+  $("healthy-nodes").textContent = healthy.length;
+  $("unhealthy-nodes").textContent = nodes.length - healthy.length;
+  $("total-processes").textContent = healthy.reduce((sum, node) => sum + (node.process_count || 0), 0);
+  const discovery = status && status.discovery;
+  if (discovery) {
+    $("discovery").hidden = discovery.ok;
+    $("discovery").textContent = discovery.ok ? "" : `discovery unavailable: ${discovery.error}`;
+  }
+}
+
+function health(node) {
+  if (node.status === "healthy" && node.missed_check) return "healthy (missed check)";
+  return node.status || "unknown";
+}
+
+function age(seconds) {
+  if (!seconds) return "never";
+  const ago = Math.max(0, Math.round(Date.now() / 1000 - seconds));
+  if (ago < 120) return `${ago} s ago`;
+  if (ago < 7200) return `${Math.round(ago / 60)} min ago`;
+  return `${Math.round(ago / 3600)} h ago`;
+}
+
+function matches(node, filter) {
+  if (!filter) return true;
+  const text = [node.node_id, health(node), ...Object.entries(node.metadata || {}).flat()].join(" ").toLowerCase();
+  return text.includes(filter);
+}
+
+function visibleIds() {
+  return [...state.nodes.keys()].sort().filter((id) => matches(state.nodes.get(id), state.filter));
+}
+
+function renderTable() {
+  const ids = visibleIds();
+  const pages = Math.max(1, Math.ceil(ids.length / PAGE_SIZE));
+  state.page = Math.min(state.page, pages - 1);
+  const shown = ids.slice(state.page * PAGE_SIZE, (state.page + 1) * PAGE_SIZE);
+  const body = document.querySelector("#nodes tbody");
+  const rows = shown.map((id) => rowFor(id));
+  body.replaceChildren(...rows);
+  $("page-info").textContent = `${ids.length ? state.page * PAGE_SIZE + 1 : 0}-${state.page * PAGE_SIZE + shown.length} of ${ids.length}`;
+  $("previous").disabled = state.page === 0;
+  $("next").disabled = state.page >= pages - 1;
+}
+
+function rowFor(id) {
+  let row = state.rows.get(id);
+  if (!row) {
+    row = element("tr");
+    row.dataset.node = id;
+    const button = element("button", id, "link");
+    button.type = "button";
+    button.addEventListener("click", () => select(id));
+    const first = element("td");
+    first.append(button);
+    row.append(first, element("td"), element("td"), element("td"), element("td"), element("td"));
+    state.rows.set(id, row);
+  }
+  fillRow(row, state.nodes.get(id));
+  return row;
+}
+
+function fillRow(row, node) {
+  const cells = row.children;
+  cells[1].textContent = node.url;
+  cells[2].textContent = health(node);
+  cells[2].className = `health ${node.status}${node.missed_check ? " missed" : ""}`;
+  cells[3].textContent = node.status === "healthy" ? node.process_count : "-";
+  cells[4].textContent = age(node.last_seen);
+  cells[5].textContent = Object.entries(node.metadata || {}).map(([key, value]) => `${key}=${JSON.stringify(value)}`).join(" ");
+}
+
+function updateNode(id, fields) {
+  const node = { ...(state.nodes.get(id) || { node_id: id, metadata: {} }), ...fields };
+  const known = state.nodes.has(id);
+  state.nodes.set(id, node);
+  renderSummary(null);
+  const row = state.rows.get(id);
+  if (known && row && row.isConnected) {
+    fillRow(row, node); // only the changed row is touched
+  } else if (!known) {
+    renderTable();
+  }
+}
+
+function removeNode(id) {
+  state.nodes.delete(id);
+  const row = state.rows.get(id);
+  state.rows.delete(id);
+  if (row) row.remove();
+  renderSummary(null);
+  if (state.selected === id) $("detail").hidden = true;
+  renderTable();
+}
+
+$("filter").addEventListener("input", () => {
+  state.filter = $("filter").value.trim().toLowerCase();
+  state.page = 0;
+  renderTable();
+});
+$("previous").addEventListener("click", () => { state.page -= 1; renderTable(); });
+$("next").addEventListener("click", () => { state.page += 1; renderTable(); });
+setInterval(() => {
+  for (const [id, row] of state.rows) if (row.isConnected) row.children[4].textContent = age(state.nodes.get(id)?.last_seen);
+}, 5000);
+
+// -- one node's processes ---------------------------------------------------------------------------------
+
+async function select(id) {
+  state.selected = id;
+  $("detail").hidden = false;
+  $("detail-title").textContent = `Node ${id}`;
+  await refreshDetail();
+}
+
+async function refreshDetail() {
+  const id = state.selected;
+  if (!id) return;
+  $("detail-error").textContent = "";
+  let status;
+  try {
+    status = await json(`cluster/nodes/${encodeURIComponent(id)}/status`);
+  } catch (error) {
+    $("detail-error").textContent = `${id}: ${error.message}`;
+    return;
+  }
+  if (state.selected !== id) return;
+  const rows = Object.entries(status.processes || {}).map(([name, process]) => processRow(id, name, process));
+  document.querySelector("#processes tbody").replaceChildren(...rows);
+  const select = $("inject-process");
+  const chosen = select.value;
+  select.replaceChildren(...Object.keys(status.processes || {}).map((name) => element("option", name)));
+  if (chosen) select.value = chosen;
+}
+
+function processRow(id, name, process) {
+  const row = element("tr");
+  row.dataset.process = name;
+  const deadLetters = process.dead_letters ?? process.dead_letter_count ?? "-";
+  const handled = process.events_handled ?? process.invocation_count ?? "-";
+  for (const value of [name, process.state, process.queue_size, process.events_received ?? "-", handled,
+    process.events_failed ?? "-", deadLetters, process.last_error || ""]) {
+    row.append(element("td", value));
+  }
+  row.children[1].className = `state ${process.state}`;
+  const actions = element("td", null, "control");
+  for (const action of ["Start", "Stop", "Restart"]) {
+    const button = element("button", action);
+    button.type = "button";
+    button.addEventListener("click", () => control(id, name, action.toLowerCase(), button));
+    actions.append(button);
+  }
+  row.append(actions);
+  return row;
+}
+
+async function control(id, name, action, button) {
+  button.disabled = true;
+  try {
+    await json(`cluster/nodes/${encodeURIComponent(id)}/processes/${encodeURIComponent(name)}/${action}`, { method: "POST" });
+  } catch (error) {
+    $("detail-error").textContent = `${action} ${name}: ${error.message}`;
+  } finally {
+    button.disabled = false;
+  }
+  await refreshDetail();
+}
+
+$("inject-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const result = $("inject-result");
+  try {
+    const payload = parsePayload($("inject-payload").value);
+    const name = $("inject-process").value;
+    const answer = await json(`cluster/nodes/${encodeURIComponent(state.selected)}/processes/${encodeURIComponent(name)}/event`,
+      { method: "POST", body: JSON.stringify({ payload }) });
+    result.textContent = `injected: ${answer.event_id}`;
+    result.className = "";
+  } catch (error) {
+    result.textContent = error.message;
+    result.className = "error";
+  }
+  await refreshDetail();
+});
+
+$("broadcast-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const result = $("broadcast-result");
+  try {
+    const payload = parsePayload($("broadcast-payload").value);
+    const name = $("broadcast-process").value.trim();
+    const answer = await json(`cluster/processes/${encodeURIComponent(name)}/event`,
+      { method: "POST", body: JSON.stringify({ payload }) });
+    const results = Object.entries(answer.results || {});
+    const failed = results.filter(([, value]) => value.error);
+    result.textContent = `${results.length - failed.length} of ${results.length} nodes accepted it` +
+      failed.map(([id, value]) => `; ${id}: ${value.error}`).join("");
+    result.className = failed.length ? "error" : "";
+  } catch (error) {
+    result.textContent = error.message;
+    result.className = "error";
+  }
+});
+
+// -- the live change stream -------------------------------------------------------------------------------
+
+function setConnection(text, healthy) {
+  const badge = $("connection");
+  badge.textContent = text;
+  badge.classList.toggle("down", !healthy);
+}
+
+function feed(change) {
+  const list = $("feed");
+  const item = element("li");
+  item.append(element("span", new Date().toLocaleTimeString(), "time"), element("span", change.type, "type"),
+    element("span", JSON.stringify(change.data), "data"));
+  list.prepend(item);
+  while (list.children.length > FEED_SIZE) list.lastChild.remove();
+}
+
+function apply(change) {
+  const data = change.data;
+  if (change.type === "snapshot") {
+    applySnapshot(data);
+    return;
+  }
+  feed(change);
+  if (change.type === "node.joined") {
+    updateNode(data.node_id, { node_id: data.node_id, url: data.url, metadata: data.metadata, status: "unknown" });
+  } else if (change.type === "node.left") {
+    removeNode(data.node_id);
+  } else if (change.type === "node.health") {
+    updateNode(data.node_id, {
+      status: data.healthy ? "healthy" : "unhealthy",
+      missed_check: data.missed_check,
+      process_count: data.process_count,
+      last_error: data.error || null,
+      last_seen: data.healthy && !data.missed_check ? Date.now() / 1000 : state.nodes.get(data.node_id)?.last_seen,
+    });
+  } else if (change.type === "node.processes") {
+    updateNode(data.node_id, { process_count: data.processes.length });
+    if (state.selected === data.node_id) refreshDetail();
+  }
+}
+
+// A minimal SSE reader: `id:`, `event:` and one `data:` line per message, comments ignored.
+function parseEvents(buffer, onChange) {
+  const blocks = buffer.split("\n\n");
+  const rest = blocks.pop();
+  for (const block of blocks) {
+    let id = null;
+    let type = "message";
+    let data = "";
+    for (const line of block.split("\n")) {
+      if (line.startsWith("id:")) id = line.slice(3).trim();
+      else if (line.startsWith("event:")) type = line.slice(6).trim();
+      else if (line.startsWith("data:")) data += line.slice(5).trim();
+    }
+    if (id !== null && data) onChange({ id: Number(id), type, data: JSON.parse(data) });
+  }
+  return rest;
+}
+
+async function stream() {
+  let pause = 500;
+  for (;;) {
+    try {
+      const headers = state.lastEventId ? { "Last-Event-ID": String(state.lastEventId) } : {};
+      const response = await api("cluster/changes", { headers });
+      if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
+      setConnection("live", true);
+      pause = 500;
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer = parseEvents(buffer + value, (change) => {
+          state.lastEventId = change.id;
+          apply(change);
+        });
+      }
+    } catch (error) {
+      if (error.message === "unauthorized") return;
+    }
+    setConnection("reconnecting", false);
+    await new Promise((resolve) => setTimeout(resolve, pause));
+    pause = Math.min(pause * 2, 10000);
+  }
+}
+
+start();
