@@ -10,7 +10,16 @@ __version__ = "0.1.0"
 
 from ._app import app
 from ._errors import ConfigError, PromptiseASGIError, QueueFullError
-from .client import NodeClient, NodeError, NodeTimeoutError, NodeUnreachableError
+from .client import (
+    CoordinatorClient,
+    CoordinatorError,
+    CoordinatorTimeoutError,
+    CoordinatorUnreachableError,
+    NodeClient,
+    NodeError,
+    NodeTimeoutError,
+    NodeUnreachableError,
+)
 from .coordinator import NodeInfo, RuntimeCoordinator, create_coordinator_app
 from .discovery import (
     CoordinatorDiscovery,
@@ -29,7 +38,11 @@ __all__ = [
     "AgentRuntime",
     "AppServer",
     "ConfigError",
+    "CoordinatorClient",
     "CoordinatorDiscovery",
+    "CoordinatorError",
+    "CoordinatorTimeoutError",
+    "CoordinatorUnreachableError",
     "DiscoveredNode",
     "EtcdDiscovery",
     "NodeChange",
