@@ -103,7 +103,12 @@ async def readyz(request: Request) -> Response:
 
 async def status(request: Request) -> Response:
     node = _node(request)
-    return JSONResponse({**node.runtime.status(), "node_id": node.node_id})
+    body = {**node.runtime.status(), "node_id": node.node_id}
+    # Set by whoever runs the node's self-registration (RuntimeTransport, the module app): trouble shows here.
+    registration = getattr(request.scope["app"].state, "registration", None)
+    if registration is not None:
+        body["registration"] = registration.status()
+    return JSONResponse(body)
 
 
 async def list_processes(request: Request) -> Response:

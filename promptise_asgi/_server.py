@@ -55,7 +55,8 @@ class RuntimeTransport:
         ssl_certfile: TLS certificate file passed to the server.
         ssl_keyfile: TLS key file passed to the server.
         discovery: a `ProcessDiscovery` to register this node with while it runs.
-        advertise_url: the URL other machines reach this node at (default: `.url`).
+        advertise_url: the URL other machines reach this node at (default: `.url`; bound to a wildcard address
+            with a registry on another machine, one under this machine's hostname, never loopback).
         heartbeat_interval: seconds between heartbeats (default: the backend's ttl / 3, else 10).
         graceful_timeout: seconds `stop()` lets in-flight requests finish.
         log_level: the server's log level.
@@ -153,6 +154,9 @@ class RuntimeTransport:
     async def start(self) -> None:
         """Bind, start the runtime, start the server, and return once it accepts requests.
 
+        With `discovery`, the node registers in the background from then on: start() never waits on the
+        registry (its progress shows in `GET /status` under `"registration"`).
+
         Raises:
             OSError: the address could not be bound (for example, the port is in use).
             RuntimeError: already running, the server failed to start, or uvicorn was asked for under trio.
@@ -164,18 +168,12 @@ class RuntimeTransport:
         stack = AsyncExitStack()
         try:
             stack.callback(self._server.close)
+            registration = await self._registration()
             await stack.enter_async_context(node_lifespan(self.app))
             await self._server.start()
             stack.push_async_callback(self._server.stop)
-            if self.discovery is not None:
-                from ._registration import SelfRegistration
-
-                registration = SelfRegistration(
-                    self.discovery,
-                    self.node_id,
-                    self.advertise_url or self.url,
-                    interval=self.heartbeat_interval,
-                )
+            if registration is not None:
+                # In the background: a dead or silent registry never delays the node's start.
                 await registration.start()
                 stack.push_async_callback(registration.stop)
         except BaseException:
@@ -186,6 +184,22 @@ class RuntimeTransport:
             raise
         self._stack = stack
         logger.info("node %s serving on %s", self.node_id, self.url)
+
+    async def _registration(self) -> Any:
+        if self.discovery is None:
+            return None
+        from ._registration import SelfRegistration, registration_url
+
+        url = self.advertise_url or await registration_url(self.url, self.host, self.discovery, self.node_id)
+        registration = SelfRegistration(self.discovery, self.node_id, url, interval=self.heartbeat_interval)
+        self.app.state.registration = registration  # the node's GET /status shows it
+        return registration
+
+    @property
+    def advertised_url(self) -> str | None:
+        """The URL this node registers under, once started with `discovery` (None otherwise)."""
+        registration = getattr(self.app.state, "registration", None)
+        return None if registration is None else str(registration.url)
 
     async def stop(self) -> None:
         """Unregister, stop accepting, let in-flight requests finish, then drain and stop the runtime."""
