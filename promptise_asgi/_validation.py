@@ -24,6 +24,7 @@ __all__ = [
     "NodeAddressRules",
     "clean_token",
     "metadata_size",
+    "normalize_address_url",
     "normalize_url",
     "positive_number",
     "validate_metadata",
@@ -55,6 +56,13 @@ def normalize_url(url: object) -> str:
     if port == 0:
         raise ValueError("url must be an http(s) URL with a port between 1 and 65535")
     return url.strip().rstrip("/")
+
+
+def normalize_address_url(text: str) -> str:
+    """`normalize_url`, reading a bare `host:port` as `http://host:port` (as curl and etcdctl do): for what a
+    person types on a command line or in an environment variable."""
+    text = text.strip()
+    return normalize_url(text if "://" in text else f"http://{text}")
 
 
 def validate_metadata(metadata: object) -> dict[str, Any]:
