@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import logging
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._http import error_response
-from ._node_app import create_transport_app, node_lifespan
-from ._registration import registration_for
-from .config import NodeSettings, resolve_settings
+    from .config import NodeSettings
 
 __all__ = ["NodeApp", "app"]
 
@@ -44,10 +42,17 @@ class NodeApp:
         elif self._app is not None:
             await self._app(scope, receive, send)
         elif scope["type"] == "http":
+            from ._http import error_response
+
             message = "Node not started: the server must run the ASGI lifespan (e.g. uvicorn --lifespan on)"
             await error_response(503, message)(scope, receive, send)
 
     async def _start(self, stack: AsyncExitStack) -> tuple[NodeSettings, ASGIApp]:
+        # Imported here: `promptise_asgi` imports this module, and must stay cheap to import.
+        from ._node_app import create_transport_app, node_lifespan
+        from ._registration import registration_for
+        from .config import resolve_settings
+
         settings = resolve_settings(overrides=self.overrides)
         registration = registration_for(settings)
         runtime = await settings.build_runtime()

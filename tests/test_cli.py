@@ -518,6 +518,19 @@ def test_the_version_comes_from_the_package_when_it_is_not_installed(
     assert capsys.readouterr().out == f"promptise-asgi {promptise_asgi.__version__}\n"
 
 
+def test_ctrl_c_before_the_command_is_known_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from promptise_asgi import cli
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert main(["node"]) == 130
+    assert capsys.readouterr().err == "promptise-asgi: interrupted\n"
+
+
 def test_main_in_process_reports_errors_without_traceback(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", "--coordinator", dead_url(), "--timeout", "2"]) == 1
     captured = capsys.readouterr()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 
@@ -73,3 +75,19 @@ def test_coordinator_errors_are_caught_by_the_node_error_handlers() -> None:
     assert issubclass(promptise_asgi.CoordinatorUnreachableError, promptise_asgi.NodeUnreachableError)
     assert issubclass(promptise_asgi.CoordinatorTimeoutError, promptise_asgi.NodeTimeoutError)
     assert issubclass(promptise_asgi.CoordinatorTimeoutError, promptise_asgi.CoordinatorUnreachableError)
+
+
+def test_importing_the_package_or_the_command_line_loads_no_web_stack() -> None:
+    """Names load on first use: the command line owns Ctrl-C 50 ms after it starts, not after 300 ms of imports."""
+    code = (
+        "import sys, promptise_asgi.cli, promptise_asgi; heavy = ('starlette.applications', 'httpx', 'uvicorn', "
+        "'hypercorn', 'croniter', 'promptise_asgi.runtime'); print([m for m in heavy if m in sys.modules])"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_the_lazy_names_are_the_real_ones_and_listed() -> None:
+    assert set(promptise_asgi.__all__) <= set(dir(promptise_asgi))
+    with pytest.raises(AttributeError, match="has no attribute 'nothing_here'"):
+        promptise_asgi.nothing_here  # noqa: B018
