@@ -56,8 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         command = args.command
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        # httpx logs every request at INFO: noise on a command line.
-        logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+        # httpx logs every request at INFO, and the transport where a node serves, which each command prints
+        # itself: noise on a command line.
+        for noisy in ("httpx", "promptise_asgi.transport"):
+            logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
         # Synchronous work (reading the config, importing handlers) runs before the event loop, where Ctrl-C
         # interrupts it at once: a loop's signal handler would wait for a slow import to finish.
         prepare = _PREPARE.get(command)
