@@ -119,6 +119,7 @@ class SelfRegistration:
             # A remote registry (a coordinator) tells its TTL only when answering a registration.
             self.interval = _third_of_ttl(self.discovery) or self.interval
         if self._trouble_since is not None:
+            # As loud as a warning: whoever watches warnings and errors saw the trouble, and must see it end.
             logger.warning(
                 "node %s registered with %s as %s after %.0fs of trouble",
                 self.node_id,

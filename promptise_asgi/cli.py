@@ -129,7 +129,8 @@ async def _run(args: argparse.Namespace) -> int:
     failure: Exception | None = None
     code = 0
     async with anyio.create_task_group() as tg:
-        # The signals are ours before anything else happens, so no Ctrl-C ever lands in the middle of a start.
+        # From here on the signals are ours: Ctrl-C cuts a start short where it is safe to, instead of raising
+        # KeyboardInterrupt wherever the event loop happens to be (which left servers behind, with a traceback).
         await tg.start(stop.watch)
         try:
             code = await run(args, stop)
