@@ -256,7 +256,7 @@ async def _run_node(args: argparse.Namespace, stop: _Stop) -> int:
             print(f"{name} serving on {_where(transport.url, settings.host)}; processes: {processes}", flush=True)
             if discovery is not None and transport.advertised_url is not None:
                 derived = settings.advertise_url is None and transport.advertised_url != transport.url
-                note = " (from this machine's name; --advertise-url to choose)" if derived else ""
+                note = " (derived from this machine's name or address; --advertise-url to choose)" if derived else ""
                 print(f"  registering with {describe_backend(discovery)} as {transport.advertised_url}{note}")
             await stop.requested.wait()
         finally:

@@ -333,7 +333,8 @@ def test_a_wildcard_node_registers_a_url_other_machines_can_use() -> None:
     registered = listed[0]["url"]
     assert not registered.startswith("http://127.") and registered.endswith(f":{node_port}")
     assert line.strip() == (
-        f"registering with {remote} as {registered} (from this machine's name; --advertise-url to choose)"
+        f"registering with {remote} as {registered} "
+        "(derived from this machine's name or address; --advertise-url to choose)"
     )
 
 
