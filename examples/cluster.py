@@ -54,18 +54,25 @@ async def main() -> None:
     node2 = RuntimeTransport(rt2, port=0, node_id="node-2", discovery=discovery, heartbeat_interval=2)
     await node1.start()
     await node2.start()
+    # Nodes register in the background (start() never waits on a coordinator): wait until both are in.
+    with anyio.fail_after(10):
+        while len(coordinator.nodes) < 2:  # noqa: ASYNC110 - polling the table is the point here
+            await anyio.sleep(0.05)
 
     # 3. The cluster as the coordinator sees it.
     status = await coordinator.cluster_status()
     print(f"{status['healthy_nodes']}/{status['total_nodes']} nodes healthy, {status['total_processes']} processes")
-    for node_id, node in status["nodes"].items():
-        print(f"  {node_id:8} {node['url']:24} {node['status']}")
+    for node_id, runtime in (("node-1", rt1), ("node-2", rt2)):
+        node = status["nodes"][node_id]
+        print(f"  {node_id:8} {node['url']:24} {node['status']:8} processes: {', '.join(runtime.processes)}")
 
-    # 4. Steer a process on another node, then broadcast.
+    # 4. Steer a process on another node, then broadcast to every node.
     await coordinator.inject_event_on_node("node-2", "analyst", {"ticker": "ACME"}, trigger_type="manual")
     await coordinator.restart_process_on_node("node-1", "watcher")
+    print("broadcast to every node; each answers for itself (node-1 runs no 'analyst', so it says so):")
     results = await coordinator.broadcast_event("analyst", {"all": True})
-    print("broadcast:", {node_id: result.get("status", result.get("error")) for node_id, result in results.items()})
+    for node_id, result in results.items():
+        print(f"  {node_id}: {result.get('status') or 'refused, ' + str(result.get('error'))}")
     with anyio.fail_after(10):
         await first_event.wait()
     print(handled[0])

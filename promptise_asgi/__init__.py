@@ -1,7 +1,8 @@
 """promptise-asgi: run, discover and steer distributed agent processes over HTTP.
 
 Everything public is importable from here as well as from its own module (SPEC section 1). The names load
-lazily, on first use, so `import promptise_asgi.runtime` loads no web stack. `app` is the node that
+lazily, on first use, so `import promptise_asgi.runtime` loads no web stack and the command line owns Ctrl-C a
+moment after it starts, not once the whole web stack has loaded. `app` is the node that
 `uvicorn promptise_asgi:app` serves, a real module attribute built from the environment when its lifespan
 starts (servers look it up in the module's namespace).
 """
@@ -16,7 +17,17 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from ._errors import ConfigError, PromptiseASGIError, QueueFullError
-    from .client import NodeClient, NodeError, NodeTimeoutError, NodeUnreachableError
+    from .client import (
+        Change,
+        CoordinatorClient,
+        CoordinatorError,
+        CoordinatorTimeoutError,
+        CoordinatorUnreachableError,
+        NodeClient,
+        NodeError,
+        NodeTimeoutError,
+        NodeUnreachableError,
+    )
     from .coordinator import NodeInfo, RuntimeCoordinator, create_coordinator_app
     from .discovery import (
         CoordinatorDiscovery,
@@ -35,8 +46,13 @@ _LAZY = {
     "AgentProcess": ".runtime",
     "AgentRuntime": ".runtime",
     "AppServer": ".transport",
+    "Change": ".client",
     "ConfigError": "._errors",
+    "CoordinatorClient": ".client",
     "CoordinatorDiscovery": ".discovery",
+    "CoordinatorError": ".client",
+    "CoordinatorTimeoutError": ".client",
+    "CoordinatorUnreachableError": ".client",
     "DiscoveredNode": ".discovery",
     "EtcdDiscovery": ".etcd",
     "NodeChange": ".discovery",
@@ -65,8 +81,13 @@ __all__ = [
     "AgentProcess",
     "AgentRuntime",
     "AppServer",
+    "Change",
     "ConfigError",
+    "CoordinatorClient",
     "CoordinatorDiscovery",
+    "CoordinatorError",
+    "CoordinatorTimeoutError",
+    "CoordinatorUnreachableError",
     "DiscoveredNode",
     "EtcdDiscovery",
     "NodeChange",

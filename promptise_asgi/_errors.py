@@ -12,6 +12,9 @@ from collections.abc import Sequence
 __all__ = [
     "ClusterFullError",
     "ConfigError",
+    "CoordinatorError",
+    "CoordinatorTimeoutError",
+    "CoordinatorUnreachableError",
     "DiscoveryUnavailableError",
     "EtcdError",
     "EtcdUnavailableError",
@@ -103,6 +106,51 @@ class NodeResponseTooLargeError(NodeUnreachableError):
         self.url = url
         self.reason = f"response too large (over {limit} bytes)"
         self.limit = limit
+
+
+class CoordinatorError(NodeError):
+    """A coordinator answered with a non-2xx status.
+
+    A `NodeError` (code that catches those keeps working) whose message names the coordinator, not a node.
+
+    Attributes:
+        status_code: the HTTP status the coordinator answered with.
+        message: the coordinator's `{"error": ...}` text (or the raw body when it was not JSON).
+        url: the URL that was requested.
+        coordinator: the coordinator's base URL.
+    """
+
+    def __init__(self, status_code: int, message: str, url: str = "", coordinator: str = "") -> None:
+        PromptiseASGIError.__init__(
+            self, f"coordinator at {coordinator or url or '?'} answered {status_code}: {message}"
+        )
+        self.status_code = status_code
+        self.message = message
+        self.url = url
+        self.coordinator = coordinator or url
+
+
+class CoordinatorUnreachableError(NodeUnreachableError):
+    """A coordinator could not be reached (connection refused, reset, DNS, TLS...).
+
+    Attributes:
+        url: the URL that was requested.
+        coordinator: the coordinator's base URL.
+    """
+
+    _what = "coordinator unreachable"
+
+    def __init__(self, coordinator: str, reason: str = "", url: str = "") -> None:
+        PromptiseASGIError.__init__(self, f"{self._what} at {coordinator}" + (f" ({reason})" if reason else ""))
+        self.url = url or coordinator
+        self.reason = reason
+        self.coordinator = coordinator
+
+
+class CoordinatorTimeoutError(CoordinatorUnreachableError, NodeTimeoutError):
+    """A coordinator did not answer within the timeout."""
+
+    _what = "coordinator did not answer in time"
 
 
 class NodeConflictError(PromptiseASGIError):

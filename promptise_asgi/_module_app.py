@@ -66,6 +66,7 @@ class NodeApp:
         )
         await stack.enter_async_context(node_lifespan(app))
         if registration is not None:
+            app.state.node.registration = registration  # the node's GET /status shows it
             await registration.start()
             stack.push_async_callback(registration.stop)
         return settings, app

@@ -28,6 +28,7 @@ __all__ = [
     "exposed_without_token",
     "is_loopback_host",
     "metadata_size",
+    "normalize_address_url",
     "normalize_tokens",
     "normalize_url",
     "parse_endpoints",
@@ -68,6 +69,13 @@ def _http_url_parts(url: object) -> SplitResult:
     if port == 0:
         raise ValueError(f"url has an invalid port (1-65535): {shown!r}")
     return parts
+
+
+def normalize_address_url(text: str) -> str:
+    """`normalize_url`, reading a bare `host:port` as `http://host:port` (as curl and etcdctl do): for what a
+    person types on a command line or in an environment variable."""
+    text = text.strip()
+    return normalize_url(text if "://" in text else f"http://{text}")
 
 
 def validate_metadata(metadata: object) -> dict[str, Any]:
@@ -244,14 +252,11 @@ def parse_endpoints(endpoints: str | Sequence[str], what: str = "etcd endpoint")
             continue  # "a,b," is a list of two
         if not isinstance(item, str) or not item.strip():
             raise ValueError(f"{what} must be a non-empty URL, got {item!r}")
-        text = item.strip()
-        # etcdctl accepts bare host:port, so a user coming from it will type that.
-        if "://" not in text:
-            text = "http://" + text
         try:
-            parsed.append(normalize_url(text))
+            # etcdctl accepts a bare host:port, so a user coming from it will type that.
+            parsed.append(normalize_address_url(item))
         except ValueError:
-            raise ValueError(f"{what} must be an http(s) URL, got {redact_url(text)!r}") from None
+            raise ValueError(f"{what} must be an http(s) URL, got {redact_url(item.strip())!r}") from None
     if not parsed:
         raise ValueError(f"at least one {what} is required")
     return tuple(parsed)

@@ -9,8 +9,10 @@ whose message names the file, the process and the field. Builds runtimes; knows 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import logging
 import os
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,7 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import ConfigError
-from ._validation import check_seconds, clean_token, normalize_url, parse_endpoints, validate_node_id
+from ._validation import (
+    check_seconds,
+    clean_token,
+    normalize_address_url,
+    normalize_url,
+    parse_endpoints,
+    validate_node_id,
+)
 from .runtime import AgentRuntime, ProcessConfig, TriggerConfig, TriggerEvent
 from .runtime._models import resolve_handler
 
@@ -142,7 +151,7 @@ def _parse(data: Mapping[str, Any], source: str) -> NodeSettings:
         raise ConfigError(f"{source}: processes must be an array of tables ([[processes]])")
     seen: set[str] = set()
     for index, entry in enumerate(processes):
-        spec = _parse_process(entry, f"{source}: processes[{index}]")
+        spec = _parse_process(entry, f"{source}: processes[{index}]", source)
         if spec.name in seen:
             raise ConfigError(f"{source}: processes[{index}] ({spec.name!r}): field 'name': duplicate process name")
         seen.add(spec.name)
@@ -241,7 +250,7 @@ def _env_flag(env: Mapping[str, str], name: str) -> bool | None:
     raise ConfigError(f"{name} must be 1 or 0 (true/false, yes/no, on/off), not {value!r}")
 
 
-def _parse_process(entry: object, where: str) -> ProcessSpec:
+def _parse_process(entry: object, where: str, source: str) -> ProcessSpec:
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{where}: must be a table")
     name = entry.get("name")
@@ -270,10 +279,51 @@ def _parse_process(entry: object, where: str) -> ProcessSpec:
     try:
         config = ProcessConfig(**options, triggers=triggers)
         # Resolve "module:function" now so a typo fails at startup, naming the process, not at first start.
-        resolve_handler(config.handler)
+        _import_handler(config.handler, source)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {_field_message(exc)}") from None
     return ProcessSpec(name, config)
+
+
+def _import_handler(handler: Any, source: str) -> None:
+    """Resolve a handler; a "module:function" not importable as things stand is looked for in the working
+    directory and then in the config file's directory (which stays on `sys.path` once it helped)."""
+    try:
+        resolve_handler(handler)
+        return
+    except ValueError as exc:
+        missing = _missing_module(exc, handler)
+        if missing is None:
+            raise
+    cwd = os.getcwd()
+    config_dir = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None
+    for directory in dict.fromkeys(d for d in (cwd, config_dir) if d is not None):
+        if directory in sys.path:
+            continue
+        sys.path.append(directory)
+        importlib.invalidate_caches()
+        try:
+            resolve_handler(handler)
+            return
+        except ValueError as exc:
+            if _missing_module(exc, handler) is None:
+                raise
+        sys.path.remove(directory)
+    where = f"the working directory ({cwd})" + (f" or the config file's directory ({config_dir})" if config_dir else "")
+    raise ValueError(
+        f"handler {handler!r}: no module {missing!r} in {where}; run from the directory that holds it, or add "
+        "that directory to PYTHONPATH"
+    )
+
+
+def _missing_module(exc: ValueError, handler: object) -> str | None:
+    """The module a handler string names that could not be found, or None for any other import failure (a
+    module that exists but fails, or lacks one of its own dependencies, must say so, not "not found")."""
+    cause = exc.__cause__
+    module = str(handler).partition(":")[0]
+    if isinstance(cause, ModuleNotFoundError) and cause.name and (module + ".").startswith(cause.name + "."):
+        return cause.name
+    return None
 
 
 def _field_message(exc: Exception) -> str:
@@ -314,15 +364,7 @@ def resolve_settings(
         settings = demo_settings()
     else:
         raise ConfigError("no config file: pass --config FILE or set PROMPTISE_CONFIG")
-    from_env: dict[str, Any] = {
-        "node_id": env.get("PROMPTISE_NODE_ID"),
-        "auth_token": env.get("PROMPTISE_AUTH_TOKEN"),
-        "read_token": env.get("PROMPTISE_READ_TOKEN"),
-        "coordinator_url": env.get("PROMPTISE_COORDINATOR_URL"),
-        "advertise_url": env.get("PROMPTISE_ADVERTISE_URL"),
-        "trusted_hosts": env.get("PROMPTISE_TRUSTED_HOSTS"),
-    }
-    changes: dict[str, Any] = {key: value for key, value in from_env.items() if value}
+    changes: dict[str, Any] = _from_environment(env)
     allow = _env_flag(env, "PROMPTISE_ALLOW_UNAUTHENTICATED")
     if allow is not None:
         changes["allow_unauthenticated"] = allow
@@ -339,6 +381,32 @@ def resolve_settings(
     except ValueError as exc:
         raise ConfigError(f"{settings.source} (with environment/flags): {exc}") from None
     return settings
+
+
+# Setting -> (variable, how to read it, what it must be): a bad value is reported under the variable's name.
+_ENVIRONMENT: dict[str, tuple[str, Any, str]] = {
+    "node_id": ("PROMPTISE_NODE_ID", validate_node_id, "a node id: up to 128 letters, digits, '.', '_', ':' or '-'"),
+    "coordinator_url": ("PROMPTISE_COORDINATOR_URL", normalize_address_url, "an http(s) URL or host:port"),
+    "advertise_url": ("PROMPTISE_ADVERTISE_URL", normalize_address_url, "an http(s) URL or host:port"),
+    "trusted_hosts": ("PROMPTISE_TRUSTED_HOSTS", _split_names, "comma-separated host names"),
+}
+
+
+def _from_environment(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, (name, read, expected) in _ENVIRONMENT.items():
+        if env.get(name):
+            try:
+                values[key] = read(env[name])
+            except ValueError:
+                raise ConfigError(f"{name} must be {expected}, not {env[name]!r}") from None
+    for key, name in (("auth_token", "PROMPTISE_AUTH_TOKEN"), ("read_token", "PROMPTISE_READ_TOKEN")):
+        if env.get(name):
+            try:
+                values[key] = clean_token(env[name], name)
+            except ValueError:
+                raise ConfigError(f"{name} must be printable ASCII without spaces (not shown)") from None
+    return values
 
 
 async def _echo(event: TriggerEvent) -> None:

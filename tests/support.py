@@ -1,18 +1,24 @@
-"""Helpers shared by the tests: free ports, waiting on a condition with a deadline, addresses to aim at."""
+"""Helpers shared by the tests: free ports, waiting on a condition with a deadline, addresses to aim at, and
+the command line run in subprocesses as a user runs it."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -58,6 +64,18 @@ async def wait_for_async(check: Callable[[], Awaitable[bool]], timeout: float = 
                 await anyio.sleep(0.05)
     except TimeoutError:
         raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+def poll(check: Callable[[], T | None], timeout: float = 15.0, what: str = "the condition") -> T:
+    """Call `check` (from synchronous code) until it returns something other than None or False; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
 
 
 def non_loopback_address() -> str | None:
@@ -124,3 +142,127 @@ async def lifespan(app: Any) -> AsyncIterator[dict[str, Any]]:
         if started["type"] == "lifespan.startup.complete":
             await to_app.send({"type": "lifespan.shutdown"})
             assert (await outbox.receive())["type"] == "lifespan.shutdown.complete"
+
+
+# -- the command line, run as a user runs it ------------------------------------------------------------------
+
+CLI = [sys.executable, "-m", "promptise_asgi"]
+# Variables the command reads: a test sets the ones it means, never inherits one from the shell running pytest.
+CLI_VARIABLES = (
+    "PROMPTISE_CONFIG",
+    "PROMPTISE_NODE_ID",
+    "PROMPTISE_AUTH_TOKEN",
+    "PROMPTISE_NODE_TOKEN",
+    "PROMPTISE_COORDINATOR_URL",
+    "PROMPTISE_ADVERTISE_URL",
+    "PROMPTISE_ALLOW_UNAUTHENTICATED",
+    "PROMPTISE_TRUSTED_HOSTS",
+)
+
+
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a CLI subprocess: this one without any PROMPTISE_* variable, plus `env`."""
+    clean = {key: value for key, value in os.environ.items() if key not in CLI_VARIABLES}
+    return {**clean, "COLUMNS": "100", **(env or {})}
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m promptise_asgi ARGS` to completion, capturing stdout and stderr apart."""
+    return subprocess.run(
+        [*CLI, *args], cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+class Running:
+    """A CLI command running in a subprocess, its output (stdout and stderr merged) collected as it comes."""
+
+    def __init__(self, process: subprocess.Popen[str]) -> None:
+        self.process = process
+        self._lines: list[str] = []
+        self._ended = False
+        self._changed = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        """Everything printed so far."""
+        with self._changed:
+            return "".join(self._lines)
+
+    def wait_for_line(self, fragment: str, timeout: float = 20.0) -> str:
+        """Wait until a line holding `fragment` is printed; return that line."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self._lines:
+                    if fragment in line:
+                        return line
+                if self._ended:
+                    raise AssertionError(f"exited without printing {fragment!r}:\n{''.join(self._lines)}")
+                if not self._changed.wait(timeout=max(0.0, deadline - time.monotonic())):
+                    raise AssertionError(f"no line with {fragment!r} within {timeout}s:\n{''.join(self._lines)}")
+
+    def wait_http(self, url: str, timeout: float = 20.0) -> httpx.Response:
+        """GET `url` until it answers at all; fail with the output if the command exits first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._reader.join(timeout=5)
+                raise AssertionError(f"exited early ({self.process.returncode}):\n{self.output}")
+            try:
+                return httpx.get(url, timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.02)
+        raise AssertionError(f"{url} did not answer within {timeout}s:\n{self.output}")
+
+    def interrupt(self, timeout: float = 20.0) -> str:
+        """Press Ctrl-C (SIGINT); return the whole output once the command has exited."""
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(timeout=timeout)
+        self._reader.join(timeout=5)
+        return self.output
+
+
+@contextmanager
+def cli_process(*args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> Iterator[Running]:
+    """Run a long-lived CLI command; it is killed when the block ends if still running."""
+    process = subprocess.Popen(
+        [*CLI, *args],
+        cwd=cwd,
+        env=cli_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    running = Running(process)
+    try:
+        yield running
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        running._reader.join(timeout=5)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def assert_one_line(text: str, *fragments: str) -> str:
+    """The text is one non-empty line, without a traceback, holding every fragment; returns the line."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in text, text
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import free_port, lifespan, serve, wait_healthy
+from support import free_port, lifespan, serve, wait_for_async, wait_healthy
 
 import promptise_asgi
 from promptise_asgi._module_app import NodeApp
@@ -152,6 +152,11 @@ async def test_registers_with_the_coordinator_from_the_environment(
     try:
         async with lifespan(NodeApp()) as started:
             assert started["type"] == "lifespan.startup.complete"
+
+            async def registered() -> bool:
+                return len(registry) == 1  # in the background: the node's start does not wait on the coordinator
+
+            await wait_for_async(registered, what="the registration")
             nodes = await registry.discover()
             assert [(n.node_id, n.url) for n in nodes] == [("env-registered", "http://127.0.0.1:9999")]
         assert await registry.discover() == []  # unregistered at shutdown

@@ -11,12 +11,23 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
-from support import free_port
+from support import black_hole, dead_url, free_port
 
 from promptise_asgi import _errors
-from promptise_asgi.client import NodeClient, NodeError, NodeTimeoutError, NodeUnreachableError
+from promptise_asgi.client import (
+    CoordinatorClient,
+    CoordinatorError,
+    CoordinatorTimeoutError,
+    CoordinatorUnreachableError,
+    NodeClient,
+    NodeError,
+    NodeTimeoutError,
+    NodeUnreachableError,
+)
+from promptise_asgi.coordinator import RuntimeCoordinator, create_coordinator_app
+from promptise_asgi.discovery import RegistryDiscovery
 from promptise_asgi.runtime import AgentRuntime, ProcessConfig, TriggerConfig
-from promptise_asgi.transport import create_transport_app
+from promptise_asgi.transport import RuntimeTransport, create_transport_app
 
 TOKEN = "s3cret-token-value"
 
@@ -479,3 +490,87 @@ async def test_against_the_real_node_app_mounted_with_a_token() -> None:
             assert (caught.value.status_code, caught.value.message) == (401, "Unauthorized")
     finally:
         await runtime.stop_all()
+
+
+# --- CoordinatorClient --------------------------------------------------------------------------------------
+
+BASE_URL = "http://coordinator:9000"
+
+
+async def test_coordinator_client_mirrors_the_coordinator() -> None:
+    """Registration with the node token, status and control with the operator's, through the real app."""
+    coordinator = RuntimeCoordinator(discovery=RegistryDiscovery(ttl=30), auth_token="for-nodes")
+    transport = httpx.ASGITransport(app=create_coordinator_app(coordinator, auth_token="for-ops"))
+    runtime = AgentRuntime()
+    await runtime.add_process("worker", ProcessConfig(triggers=[TriggerConfig(type="event")]))
+    async with (
+        RuntimeTransport(runtime, port=0, node_id="n1", auth_token="for-nodes") as node,
+        CoordinatorClient(BASE_URL, auth_token="for-nodes", transport=transport) as as_node,
+        CoordinatorClient(BASE_URL, auth_token="for-ops", transport=transport) as operator,
+    ):
+        assert (await as_node.register_node("n1", node.url + "/", {"zone": "a"}))["ttl"] == 30
+        assert await as_node.heartbeat("n1") is True
+        assert await as_node.heartbeat("unknown") is False
+        assert [(n["node_id"], n["url"]) for n in await operator.nodes()] == [("n1", node.url)]
+        assert (await operator.health())["role"] == "coordinator"
+        status = await operator.cluster_status()
+        assert status["healthy_nodes"] == 1 and status["total_processes"] == 1
+        assert (await operator.stop_process_on_node("n1", "worker"))["status"] == "stopped"
+        assert (await operator.start_process_on_node("n1", "worker"))["status"] == "started"
+        assert (await operator.restart_process_on_node("n1", "worker"))["status"] == "restarted"
+        injected = await operator.inject_event_on_node("n1", "worker", {"a": 1}, trigger_type="manual")
+        assert injected["status"] == "injected"
+        results = await operator.broadcast_event("worker", {"b": 2}, node_ids=["n1", "ghost"])
+        assert results["n1"]["status"] == "injected" and results["ghost"]["status_code"] == 404
+        assert list(await operator.broadcast_event("worker")) == ["n1"]
+        with pytest.raises(CoordinatorError) as missing:
+            await operator.start_process_on_node("n1", "no such process")
+        assert missing.value.status_code == 404 and missing.value.message == "Process 'no such process' not found"
+        assert await as_node.unregister_node("n1") is True
+        assert await as_node.unregister_node("n1") is False
+        assert await operator.nodes() == []
+        assert repr(operator) == "CoordinatorClient('http://coordinator:9000', auth_token='***', timeout=5.0)"
+        assert operator.url == BASE_URL
+    await coordinator.aclose()
+
+
+async def test_coordinator_client_errors_name_the_coordinator() -> None:
+    app = create_coordinator_app(RuntimeCoordinator(), auth_token="right")
+    async with CoordinatorClient(BASE_URL, auth_token="wrong", transport=httpx.ASGITransport(app=app)) as client:
+        with pytest.raises(CoordinatorError) as refused:
+            await client.cluster_status()
+        with pytest.raises(ValueError, match="node_id"):
+            await client.register_node("bad id!", "http://10.0.0.1:9100")
+        with pytest.raises(ValueError, match="node_id"):
+            await client.heartbeat("")
+    assert isinstance(refused.value, NodeError) and refused.value.status_code == 401
+    assert str(refused.value) == "coordinator at http://coordinator:9000 answered 401: Unauthorized"
+    assert refused.value.url == "http://coordinator:9000/cluster/status"
+
+    url = dead_url()
+    async with CoordinatorClient(url) as client:
+        with pytest.raises(CoordinatorUnreachableError) as down:
+            await client.register_node("n1", "http://10.0.0.1:9100")
+    assert isinstance(down.value, NodeUnreachableError) and not isinstance(down.value, NodeTimeoutError)
+    assert str(down.value).startswith(f"coordinator unreachable at {url} (")
+    assert "node" not in str(down.value)
+
+    with black_hole() as silent:
+        async with CoordinatorClient(silent, timeout=0.2) as client:
+            with pytest.raises(CoordinatorTimeoutError) as slow:
+                await client.nodes()
+    assert isinstance(slow.value, NodeTimeoutError) and isinstance(slow.value, CoordinatorUnreachableError)
+    assert str(slow.value).startswith(f"coordinator did not answer in time at {silent}")
+
+
+async def test_coordinator_client_reads_odd_answers_as_empty() -> None:
+    odd = Starlette(
+        routes=[
+            Route("/cluster/nodes", lambda request: JSONResponse({"nodes": "not a list"})),
+            Route("/cluster/processes/{name}/event", lambda r: JSONResponse({"results": []}), methods=["POST"]),
+        ]
+    )
+    async with CoordinatorClient(BASE_URL, transport=httpx.ASGITransport(app=odd)) as client:
+        assert await client.nodes() == []
+        assert await client.broadcast_event("x") == {}
+        assert await client.request("GET", "cluster/nodes") == {"nodes": "not a list"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,12 +122,93 @@ def test_demo_fallback_and_its_absence(tmp_path: Path, monkeypatch: pytest.Monke
         resolve_settings(environ={}, demo_fallback=False)
 
 
-def test_bad_environment_values_are_config_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("PROMPTISE_NODE_ID", "bad id", "PROMPTISE_NODE_ID must be a node id: up to 128 letters, digits"),
+        ("PROMPTISE_COORDINATOR_URL", "ftp://x", "PROMPTISE_COORDINATOR_URL must be an http(s) URL or host:port"),
+        ("PROMPTISE_ADVERTISE_URL", "http://h:0", "PROMPTISE_ADVERTISE_URL must be an http(s) URL or host:port"),
+        ("PROMPTISE_TRUSTED_HOSTS", "a b", "PROMPTISE_TRUSTED_HOSTS must be comma-separated host names"),
+        ("PROMPTISE_AUTH_TOKEN", "two words", "PROMPTISE_AUTH_TOKEN must be printable ASCII without spaces"),
+    ],
+)
+def test_bad_environment_values_name_the_variable(
+    name: str, value: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match="id"):
-        resolve_settings(environ={"PROMPTISE_NODE_ID": "bad id"})
-    with pytest.raises(ConfigError, match="coordinator_url"):
-        resolve_settings(environ={"PROMPTISE_COORDINATOR_URL": "nope"})
+    with pytest.raises(ConfigError) as info:
+        resolve_settings(environ={name: value})
+    assert str(info.value).startswith(message)
+    assert "field" not in str(info.value)  # the file's field names mean nothing to whoever set the variable
+    if name == "PROMPTISE_AUTH_TOKEN":
+        assert value not in str(info.value)
+
+
+def test_a_bare_host_and_port_in_the_environment_means_http(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = resolve_settings(environ={"PROMPTISE_COORDINATOR_URL": "10.0.0.2:9000"}, demo_fallback=True)
+    assert settings.coordinator_url == "http://10.0.0.2:9000"
+
+
+HANDLER = "async def handle(event):\n    pass\n"
+
+
+def test_a_handler_is_found_next_to_its_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run from anywhere: a handler module beside the config file is found there, after the working directory."""
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "beside_config_abc.py").write_text(HANDLER)
+    path = tmp_path / "conf" / "node.toml"
+    path.write_text("[[processes]]\nname = 'w'\nhandler = 'beside_config_abc:handle'\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    settings = load_settings(path)
+    assert settings.processes[0].config.handler == "beside_config_abc:handle"
+    assert str(tmp_path / "conf") in sys.path  # kept: the handler's module may import its neighbours later
+
+
+def test_a_handler_in_the_working_directory_is_found_even_off_sys_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under a console script sys.path holds the script's directory, not the working directory.
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "in_cwd_abc.py").write_text(HANDLER)
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "node.toml"
+    path.write_text("[[processes]]\nname = 'w'\nhandler = 'in_cwd_abc:handle'\n")
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    assert load_settings(path).processes[0].config.handler == "in_cwd_abc:handle"
+    assert str(tmp_path / "work") in sys.path and str(tmp_path / "conf") not in sys.path
+
+
+def test_a_missing_handler_module_names_both_directories_and_pythonpath(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "node.toml"
+    path.write_text("[[processes]]\nname = 'w'\nhandler = 'nowhere_abc.sub:handle'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = list(sys.path)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: processes[0] ('w'): field 'handler': handler 'nowhere_abc.sub:handle': ")
+    assert f"no module 'nowhere_abc' in the working directory ({tmp_path})" in message
+    assert f"or the config file's directory ({tmp_path / 'conf'})" in message and "PYTHONPATH" in message
+    assert sys.path == before  # directories that did not help are not left behind
+
+
+def test_a_handler_module_that_fails_to_import_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its own missing dependency is not "handler not found": the real cause is shown.
+    (tmp_path / "broken_abc.py").write_text("import no_such_dependency_abc\n" + HANDLER)
+    path = write(tmp_path, "[[processes]]\nname = 'w'\nhandler = 'broken_abc:handle'\n")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    with pytest.raises(ConfigError, match="No module named 'no_such_dependency_abc'") as info:
+        load_settings(path)
+    assert "PYTHONPATH" not in str(info.value)
 
 
 def test_node_keys(tmp_path: Path) -> None:

@@ -419,6 +419,7 @@ class TestSelfRegistration:
         port = server.port
         discovery = CoordinatorDiscovery(server.url, timeout=1)
         async with node("n1", discovery=discovery, heartbeat_interval=0.05) as (n1, _):
+            await wait_for(lambda: len(first.discovery) == 1)  # registered in the background
             await first.sync_discovery()
             assert list(first.nodes) == ["n1"]
             await server.stop()

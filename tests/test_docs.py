@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from promptise_asgi import _cli_parser, cli
+
 ROOT = Path(__file__).parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 BLOCKS = [
@@ -40,3 +42,54 @@ def test_python_block_runs(name: str, code: str, request: pytest.FixtureRequest)
         code = code.replace(ETCD_URL, request.getfixturevalue("etcd").url)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, f"{name} failed:\n{code}\n--- stderr ---\n{result.stderr}"
+
+
+# -- the CLI reference and --help agree --------------------------------------------------------------------
+
+CLI_PAGE = ROOT / "docs" / "cli.md"
+FLAG = r"(?<![\w-])--[a-z][a-z-]*"
+
+
+def cli_help(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exited:
+        cli.main([*args, "--help"])
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
+def page_sections() -> dict[str, str]:
+    parts = re.split(r"^## (.+)$", CLI_PAGE.read_text(), flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def mentions(text: str, name: str) -> bool:
+    return re.search(rf"{re.escape(name)}(?![\w-])", text) is not None
+
+
+def test_the_cli_reference_documents_every_command_flag_and_variable_help_names(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # one help line per option: no name is ever wrapped
+    sections = page_sections()
+    top = cli_help([], capsys)
+    commands = re.findall(r"^ {4}(\w+) {2,}", top, flags=re.M)
+    assert commands == ["node", "coordinator", "status", "demo"]
+    for flag in re.findall(FLAG, top):
+        assert mentions(sections["Global options"], flag), f"{flag} is not in the page's Global options"
+    for command in commands:
+        section = sections.get(f"`promptise-asgi {command}`")
+        assert section is not None, f"docs/cli.md has no section for {command}"
+        text = cli_help([command], capsys)
+        assert "--log-level" in text  # a global option, documented once, accepted after the command too
+        for flag in set(re.findall(FLAG, text)) - {"--help", "--log-level"}:
+            assert mentions(section, flag), f"{command} {flag} is not documented in docs/cli.md"
+        for variable in set(re.findall(r"PROMPTISE_[A-Z_]+", text)):
+            assert mentions(section, variable), f"{command} reads {variable}, which docs/cli.md does not say"
+        # And the other way: every flag a table of the page lists exists.
+        for flag in re.findall(rf"^\| `({FLAG})", section, flags=re.M):
+            assert mentions(text, flag), f"docs/cli.md lists {command} {flag}, which --help does not know"
+
+
+def test_the_cli_reference_lists_the_exit_statuses() -> None:
+    documented = {int(code) for code in re.findall(r"^\| (\d+) \|", page_sections()["Exit status"], flags=re.M)}
+    assert documented == {0, cli.EXIT_FAILURE, _cli_parser.EXIT_USAGE, cli.EXIT_INTERRUPTED}

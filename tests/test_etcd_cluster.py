@@ -13,7 +13,7 @@ import anyio
 import httpx
 import pytest
 from etcd_server import EtcdServer
-from support import free_port
+from support import free_port, wait_for_async
 
 from promptise_asgi.coordinator import RuntimeCoordinator, create_coordinator_app
 from promptise_asgi.discovery import CoordinatorDiscovery
@@ -24,6 +24,14 @@ from promptise_asgi.transport import AppServer, RuntimeTransport
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 
 ROOT = Path(__file__).parent.parent
+
+
+async def wait_for_nodes(coordinator: RuntimeCoordinator, expected: list[str]) -> None:
+    async def listed() -> bool:
+        await coordinator.sync_discovery()
+        return sorted(coordinator.nodes) == expected
+
+    await wait_for_async(listed, what=f"nodes {expected}")
 
 
 async def make_runtime() -> AgentRuntime:
@@ -46,6 +54,7 @@ async def test_two_coordinators_see_the_nodes_that_register_in_etcd(etcd: EtcdSe
             RuntimeTransport(await make_runtime(), port=0, node_id="n2", discovery=for_nodes, heartbeat_interval=0.5),
         ):
             for coordinator in (coordinator_a, coordinator_b):
+                await wait_for_nodes(coordinator, ["n1", "n2"])  # the nodes register in the background
                 status = await coordinator.cluster_status()
                 assert sorted(status["nodes"]) == ["n1", "n2"]
                 assert status["healthy_nodes"] == 2 and status["total_processes"] == 2
@@ -73,8 +82,7 @@ async def test_registration_through_one_coordinator_is_seen_by_another(etcd: Etc
                 CoordinatorDiscovery(server.url) as via_a,
                 RuntimeTransport(await make_runtime(), port=0, node_id="n1", discovery=via_a, heartbeat_interval=0.5),
             ):
-                await coordinator_b.sync_discovery()
-                assert list(coordinator_b.nodes) == ["n1"]
+                await wait_for_nodes(coordinator_b, ["n1"])
                 # Coordinator A's heartbeat endpoint renews the etcd lease: the node outlives its 5 s TTL.
                 await anyio.sleep(6)
                 await coordinator_b.sync_discovery()

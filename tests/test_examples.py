@@ -27,6 +27,11 @@ def test_cluster_example(backend: str) -> None:
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "2/2 nodes healthy, 2 processes"
+    assert lines[1].split()[0] == "node-1" and lines[1].endswith("processes: watcher")
+    assert lines[2].split()[0] == "node-2" and lines[2].endswith("processes: analyst")
+    # The broadcast's one refusal is announced and explained, not printed bare.
+    assert "node-1 runs no 'analyst', so it says so" in lines[3]
+    assert lines[4:6] == ["  node-1: refused, Process 'analyst' not found", "  node-2: injected"]
     assert "analyst got {'ticker': 'ACME'} via manual" in lines
     assert lines[-1] == "cluster stopped"
 

@@ -225,6 +225,57 @@ async def test_a_server_that_dies_after_app_startup_is_a_failed_start(monkeypatc
     assert runtime.get_process("worker").state == "stopped"
 
 
+async def test_a_start_cancelled_part_way_leaves_nothing_running(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while a node starts: the server it launched stops, its socket closes and its runtime stops."""
+    from promptise_asgi._server import _runner as _server
+
+    reached = anyio.Event()
+
+    async def never_answers(self: Any) -> None:
+        reached.set()  # the server is running and has started the app: the latest point start() can be cut
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(_server._ServerRunner, "_first_answer", never_answers)
+    runtime = await make_runtime()
+    transport = RuntimeTransport(runtime, port=0, server=server)  # type: ignore[arg-type]
+    runners: list[_server._ServerRunner] = []
+
+    class Recorded(_server._ServerRunner):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            runners.append(self)
+
+    monkeypatch.setattr(_server, "_ServerRunner", Recorded)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(transport.start)
+        await reached.wait()
+        port = transport.port
+        tg.cancel_scope.cancel()
+    assert not transport.running
+    assert runners[0].finished.is_set()  # the detached server task is done, not left to the event loop's end
+    assert runtime.get_process("worker").state == "stopped"
+    with pytest.raises(httpx.ConnectError):
+        async with httpx.AsyncClient() as client:
+            await client.get(f"http://127.0.0.1:{port}/health")
+
+
+async def test_a_server_that_never_answers_is_stopped_when_start_gives_up(
+    server: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from promptise_asgi._server import _runner as _server
+
+    async def never_answers(self: Any) -> None:
+        await anyio.sleep_forever()
+
+    monkeypatch.setattr(_server._ServerRunner, "_first_answer", never_answers)
+    monkeypatch.setattr(_server, "READY_TIMEOUT", 0.2)
+    runtime = await make_runtime()
+    transport = RuntimeTransport(runtime, port=0, server=server)  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match=r"server failed to start: no answer within 0\.2s"):
+        await transport.start()
+    assert not transport.running and runtime.get_process("worker").state == "stopped"
+
+
 def test_unreadable_tls_files_fail_before_anything_starts(tmp_path: Any) -> None:
     missing = str(tmp_path / "missing.pem")
     transport = RuntimeTransport(AgentRuntime(), port=0, ssl_certfile=missing, ssl_keyfile=missing)

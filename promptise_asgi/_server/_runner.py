@@ -203,7 +203,6 @@ class _ServerRunner:
         self.finished = anyio.Event()
         self.shutdown = anyio.Event()
         self.error: BaseException | None = None
-        self._uvicorn: Any = None
 
     async def start(self) -> None:
         app = _signal_startup(self.transport.app, self.ready)
@@ -219,23 +218,30 @@ class _ServerRunner:
 
         spawn_detached(run, name=f"promptise-asgi {self.server} {self.transport.name}")
         answered = False
-        async with anyio.create_task_group() as tg:
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def finished_early() -> None:
-                await self.finished.wait()
+                async def finished_early() -> None:
+                    await self.finished.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(finished_early)
+                # The app's startup completing is not enough: hypercorn builds its TLS context and servers after
+                # it, and can still fail. Ready means the server answered a request on our socket.
+                await self.ready.wait()
+                with anyio.move_on_after(READY_TIMEOUT):
+                    await self._first_answer()
+                    answered = True
                 tg.cancel_scope.cancel()
-
-            tg.start_soon(finished_early)
-            # The app's startup completing is not enough: hypercorn builds its TLS context and servers after
-            # it, and can still fail. Ready means the server answered a request on our socket.
-            await self.ready.wait()
-            with anyio.fail_after(READY_TIMEOUT):
-                await self._first_answer()
-            answered = True
-            tg.cancel_scope.cancel()
+        except BaseException:
+            # Cancelled (Ctrl-C while starting): the server must not outlive start().
+            with anyio.move_on_after(self.transport.graceful_timeout + 5, shield=True):
+                await self.stop()
+            raise
         if not answered:
             await self.stop()
-            raise RuntimeError(f"the {self.server} server failed to start: {self.error!r}")
+            reason = repr(self.error) if self.error is not None else f"no answer within {READY_TIMEOUT:g}s"
+            raise RuntimeError(f"the {self.server} server failed to start: {reason}")
 
     async def _first_answer(self) -> None:
         t = self.transport
@@ -256,8 +262,8 @@ class _ServerRunner:
             await stream.receive()  # any answer at all: the server is serving requests
 
     async def stop(self) -> None:
-        if self._uvicorn is not None:
-            self._uvicorn.should_exit = True
+        # Through `shutdown` only, which ends uvicorn's main loop below: set while uvicorn is still starting,
+        # should_exit makes it skip its shutdown and leave its lifespan task behind.
         self.shutdown.set()
         await self.finished.wait()
 
@@ -276,7 +282,7 @@ class _ServerRunner:
             async def main_loop(self) -> None:
                 # uvicorn checks should_exit every 0.1 s; wake as soon as stop() asks instead.
                 counter = 0
-                while not await self.on_tick(counter):
+                while not shutdown.is_set() and not await self.on_tick(counter):
                     counter = (counter + 1) % 864000
                     with anyio.move_on_after(0.1):
                         await shutdown.wait()
@@ -294,8 +300,7 @@ class _ServerRunner:
             http=uvicorn_protocol(t.limits),
             **uvicorn_options(t.limits),
         )
-        self._uvicorn = _Server(config)
-        await self._uvicorn.serve(sockets=[self.sock])
+        await _Server(config).serve(sockets=[self.sock])
 
     async def _hypercorn_serve(self, app: ASGIApp) -> None:
         from hypercorn.config import Config

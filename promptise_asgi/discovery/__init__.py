@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ._base import (
     DiscoveredNode,
+    HasEndpoints,
     HasTTL,
     NodeChange,
     ProcessDiscovery,
@@ -24,6 +25,7 @@ from ._static import StaticDiscovery
 __all__ = [
     "CoordinatorDiscovery",
     "DiscoveredNode",
+    "HasEndpoints",
     "HasTTL",
     "NodeChange",
     "ProcessDiscovery",

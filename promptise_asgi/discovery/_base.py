@@ -1,8 +1,8 @@
 """What every discovery backend is, and what it hands out.
 
 `ProcessDiscovery` is the Protocol every backend satisfies; optional abilities are small Protocols of their own
-(`SupportsHeartbeat`, `SupportsWatch`, `HasTTL`, `SupportsAclose`), checked with `isinstance`. `DiscoveredNode`
-and `NodeChange` are the records. Knows nothing of HTTP, Starlette or the runtime.
+(`SupportsHeartbeat`, `SupportsWatch`, `HasTTL`, `HasEndpoints`, `SupportsAclose`), checked with `isinstance`.
+`DiscoveredNode` and `NodeChange` are the records. Knows nothing of HTTP, Starlette or the runtime.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
     "DiscoveredNode",
+    "HasEndpoints",
     "HasTTL",
     "NodeChange",
     "ProcessDiscovery",
@@ -106,6 +107,21 @@ class HasTTL(Protocol):
     @property
     def ttl(self) -> float | None:
         """Seconds a node stays listed without a heartbeat."""
+        ...
+
+
+@runtime_checkable
+class HasEndpoints(Protocol):
+    """A backend reached over the network (a coordinator, etcd): the URLs it talks to."""
+
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The servers' URLs, passwords hidden."""
+        ...
+
+    @property
+    def description(self) -> str:
+        """How messages name the backend: a coordinator's URL, `etcd <endpoints>`."""
         ...
 
 

@@ -1,7 +1,8 @@
 """`CoordinatorDiscovery`: the coordinator's registry (SPEC 7.4), reached over HTTP with httpx.
 
 A node uses it to register, heartbeat and unregister itself; anyone can use it to discover the nodes the
-coordinator knows. Re-exported from `promptise_asgi.discovery`. Knows the coordinator's wire API only.
+coordinator knows. Re-exported from `promptise_asgi.discovery`. Speaks to the coordinator through
+`CoordinatorClient`, so its errors name the coordinator.
 """
 
 from __future__ import annotations
@@ -10,13 +11,11 @@ import contextlib
 import time
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 
-from .._errors import NodeError
-from .._validation import check_seconds, normalize_url, validate_metadata, validate_node_id
-from ..client import NodeClient
+from .._client import CoordinatorClient
+from .._validation import check_seconds, normalize_url
 from ._base import DiscoveredNode
 
 __all__ = ["CoordinatorDiscovery"]
@@ -46,20 +45,22 @@ class CoordinatorDiscovery:
         self.coordinator_url = normalize_url(coordinator_url)
         # The coordinator's registry TTL, learnt from its answer to `register` (None until then).
         self.ttl: float | None = None
-        self._client = NodeClient(self.coordinator_url, auth_token=auth_token, timeout=timeout, transport=transport)
+        self._client = CoordinatorClient(
+            self.coordinator_url, auth_token=auth_token, timeout=timeout, transport=transport
+        )
 
     async def discover(self) -> list[DiscoveredNode]:
         """Return the nodes the coordinator lists.
 
         Raises:
-            NodeError: the coordinator refused (401, ...).
-            NodeUnreachableError: the coordinator is down (`NodeTimeoutError` when it did not answer).
+            CoordinatorError: the coordinator refused (401, ...).
+            CoordinatorUnreachableError: the coordinator is down (`CoordinatorTimeoutError` when it did not answer).
         """
-        answer = await self._client.request("GET", "/cluster/nodes")
+        nodes = await self._client.nodes()
         now = time.time()
         return [
             DiscoveredNode(node["node_id"], node["url"], node.get("last_seen") or now, dict(node.get("metadata") or {}))
-            for node in answer.get("nodes", [])
+            for node in nodes
         ]
 
     async def register(self, node_id: str, url: str, metadata: dict[str, Any] | None = None) -> None:
@@ -67,15 +68,10 @@ class CoordinatorDiscovery:
 
         Raises:
             ValueError: an invalid node id, URL or metadata (checked before sending).
-            NodeError / NodeUnreachableError: as for `discover`.
+            CoordinatorError / CoordinatorUnreachableError: as for `discover`.
         """
-        body = {
-            "node_id": validate_node_id(node_id),
-            "url": normalize_url(url),
-            "metadata": validate_metadata(metadata),
-        }
-        answer = await self._client.request("POST", "/cluster/nodes", json=body)
-        ttl = answer.get("ttl") if isinstance(answer, dict) else None
+        answer = await self._client.register_node(node_id, url, metadata)
+        ttl = answer.get("ttl")
         if ttl is not None:
             with contextlib.suppress(ValueError):  # a coordinator that says nothing sensible keeps our default
                 self.ttl = check_seconds("ttl", ttl)
@@ -84,24 +80,14 @@ class CoordinatorDiscovery:
         """Refresh a node's registration; False when the coordinator does not know it (register again).
 
         Raises:
-            NodeError: any refusal other than 404.
-            NodeUnreachableError: the coordinator is down.
+            CoordinatorError: any refusal other than 404.
+            CoordinatorUnreachableError: the coordinator is down.
         """
-        try:
-            await self._client.request("POST", f"/cluster/nodes/{_segment(node_id)}/heartbeat")
-        except NodeError as exc:
-            if exc.status_code == 404:
-                return False
-            raise
-        return True
+        return await self._client.heartbeat(node_id)
 
     async def unregister(self, node_id: str) -> None:
         """Remove a node; an unknown node is a no-op."""
-        try:
-            await self._client.request("DELETE", f"/cluster/nodes/{_segment(node_id)}")
-        except NodeError as exc:
-            if exc.status_code != 404:
-                raise
+        await self._client.unregister_node(node_id)
 
     async def aclose(self) -> None:
         """Close the connection pool."""
@@ -115,9 +101,15 @@ class CoordinatorDiscovery:
     ) -> None:
         await self.aclose()
 
+    @property
+    def endpoints(self) -> tuple[str, ...]:
+        """The coordinator's URL, as the one server this backend talks to."""
+        return (self.coordinator_url,)
+
+    @property
+    def description(self) -> str:
+        """The coordinator's URL, as messages name it."""
+        return self.coordinator_url
+
     def __repr__(self) -> str:
         return f"CoordinatorDiscovery({self.coordinator_url!r})"
-
-
-def _segment(node_id: str) -> str:
-    return quote(node_id, safe="")

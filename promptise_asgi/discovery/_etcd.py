@@ -99,6 +99,11 @@ class EtcdDiscovery:
         return self._gateway.endpoints
 
     @property
+    def description(self) -> str:
+        """`etcd <endpoints>`, as messages name this registry."""
+        return "etcd " + ", ".join(self.endpoints)
+
+    @property
     def prefix(self) -> str:
         """The key prefix under which nodes are registered."""
         return self._prefix

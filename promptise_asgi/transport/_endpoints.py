@@ -49,8 +49,12 @@ class NodeState:
         self.changes = NodeChanges(self.runtime, self.status)
 
     def status(self) -> dict[str, Any]:
-        """The `/status` body (also the data of a change stream's snapshot)."""
-        return {**self.runtime.status(), "node_id": self.node_id}
+        """The `/status` body (also the data of a change stream's snapshot), with the node's registration
+        trouble or health when it keeps itself registered."""
+        body = {**self.runtime.status(), "node_id": self.node_id}
+        if self.registration is not None:
+            body["registration"] = self.registration.status()
+        return body
 
     def set_phase(self, phase: Phase) -> None:
         """Move to a lifecycle phase (`/readyz` follows it) and tell the change stream."""

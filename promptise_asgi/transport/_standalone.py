@@ -11,11 +11,13 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any
 
+import anyio
+
 from .._server import AppServer, ServerName
 from .._validation import exposed_without_token, normalize_tokens
 from ..discovery import ProcessDiscovery
 from ._app import create_transport_app, node_lifespan
-from ._registration import SelfRegistration
+from ._registration import SelfRegistration, registration_url
 from ._shape import RuntimeLike
 
 __all__ = ["RuntimeTransport"]
@@ -42,7 +44,8 @@ class RuntimeTransport:
         ssl_certfile: TLS certificate file passed to the server.
         ssl_keyfile: TLS key file passed to the server.
         discovery: a `ProcessDiscovery` to register this node with while it runs.
-        advertise_url: the URL other machines reach this node at (default: `.url`).
+        advertise_url: the URL other machines reach this node at (default: `.url`; bound to a wildcard address
+            with a registry on another machine, one under this machine's hostname, never loopback).
         heartbeat_interval: seconds between heartbeats (default: the backend's ttl / 3, else 10).
         graceful_timeout: seconds `stop()` lets in-flight requests finish.
         log_level: the server's log level.
@@ -140,6 +143,9 @@ class RuntimeTransport:
     async def start(self) -> None:
         """Bind, start the runtime, start the server, and return once it accepts requests.
 
+        With `discovery`, the node registers in the background from then on: start() never waits on the
+        registry (its progress shows in `GET /status` under `"registration"`).
+
         Raises:
             OSError: the address could not be bound (for example, the port is in use).
             RuntimeError: already running, the server failed to start, or uvicorn was asked for under trio.
@@ -148,22 +154,39 @@ class RuntimeTransport:
             raise RuntimeError(f"{self!r} is already running")
         self._server.check_backend()
         self._server.bind()  # before the runtime starts: a port in use must leave nothing running
-        async with AsyncExitStack() as stack:
+        stack = AsyncExitStack()
+        try:
             stack.callback(self._server.close)
+            registration = await self._registration()
             await stack.enter_async_context(node_lifespan(self.app))
             await self._server.start()
             stack.push_async_callback(self._server.stop)
-            if self.discovery is not None:
-                registration = SelfRegistration(
-                    self.discovery,
-                    self.node_id,
-                    self.advertise_url or self.url,
-                    interval=self.heartbeat_interval,
-                )
+            if registration is not None:
+                # In the background: a dead or silent registry never delays the node's start.
                 await registration.start()
                 stack.push_async_callback(registration.stop)
-            self._stack = stack.pop_all()
+        except BaseException:
+            # Also when cancelled (Ctrl-C while starting): what started must stop, which a cancelled scope would
+            # cut short.
+            with anyio.CancelScope(shield=True):
+                await stack.aclose()
+            raise
+        self._stack = stack
         logger.info("node %s serving on %s", self.node_id, self.url)
+
+    async def _registration(self) -> SelfRegistration | None:
+        if self.discovery is None:
+            return None
+        url = self.advertise_url or await registration_url(self.url, self.host, self.discovery, self.node_id)
+        registration = SelfRegistration(self.discovery, self.node_id, url, interval=self.heartbeat_interval)
+        self.app.state.node.registration = registration  # the node's GET /status shows it
+        return registration
+
+    @property
+    def advertised_url(self) -> str | None:
+        """The URL this node registers under, once started with `discovery` (None otherwise)."""
+        registration = self.app.state.node.registration
+        return None if registration is None else str(registration.url)
 
     async def stop(self) -> None:
         """Unregister, stop accepting, let in-flight requests finish, then drain and stop the runtime."""

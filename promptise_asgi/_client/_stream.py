@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -19,8 +19,8 @@ import anyio
 import httpx
 from httpx_sse import EventSource, ServerSentEvent
 
-from ._changes import Change
-from ._errors import NodeError, answer_error_text
+from .._changes import Change
+from .._errors import NodeError, answer_error_text
 
 __all__ = ["ChangeStream"]
 
@@ -39,6 +39,8 @@ class ChangeStream:
         url: the stream's URL (`.../changes` or `.../cluster/changes`).
         headers: headers for every request (the bearer token of a shared pool).
         last_event_id: resume after this id (None: start with a snapshot).
+        refused: builds the exception raised when the server refuses the stream for good, from the status,
+            the server's message and the URL (default: `NodeError`).
         read_timeout: seconds without any byte (servers ping every 15 s) before reconnecting.
         backoff: first and longest pause between reconnection attempts, in seconds.
 
@@ -56,7 +58,9 @@ class ChangeStream:
         last_event_id: int | None = None,
         read_timeout: float = 60.0,
         backoff: tuple[float, float] = (0.25, 10.0),
+        refused: Callable[[int, str, str], Exception] = NodeError,
     ) -> None:
+        self._refused = refused
         self._client = client
         self._url = url
         self._headers = dict(headers or {})
@@ -107,7 +111,9 @@ class ChangeStream:
             await response.aread()
             await response.aclose()
             self._closed = True
-            raise NodeError(response.status_code, answer_error_text(response.content, response.status_code), self._url)
+            raise self._refused(
+                response.status_code, answer_error_text(response.content, response.status_code), self._url
+            )
         if not response.is_success or "text/event-stream" not in response.headers.get("content-type", ""):
             await response.aclose()
             self.reconnects += 1
