@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         parents=[common],
         help="print the cluster as a table",
-        description="Ask a coordinator for the cluster's status and print one row per node.",
+        description="Ask a coordinator for the cluster's status and print one row per node; with --watch,\n"
+        "redraw the table on every change the coordinator streams, until Ctrl-C.",
         epilog=_STATUS_ENVIRONMENT,
         **options,
     )
@@ -251,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the coordinator's URL or host:port (default: see below)",
     )
     status.add_argument("--timeout", default=10.0, help="seconds to wait for the answer", **seconds)
+    status.add_argument(
+        "--watch",
+        action="store_true",
+        help="keep the table up to date from the coordinator's change stream (no polling) until Ctrl-C",
+    )
 
     demo = commands.add_parser(
         "demo",

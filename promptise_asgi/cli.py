@@ -338,13 +338,51 @@ async def _run_status(args: argparse.Namespace, stop: _Stop) -> int:
             raise CommandError(f"PROMPTISE_COORDINATOR_URL {exc}") from None
     token = _operator_token()
     status: dict[str, Any] = {}
-    with stop.cuts_short():
-        async with CoordinatorClient(url, auth_token=token, timeout=args.timeout) as client:
-            status = await _cluster_status(client, token)
-    if stop.requested.is_set():
-        return _interrupted("status")
+    async with CoordinatorClient(url, auth_token=token, timeout=args.timeout) as client:
+        with stop.cuts_short():
+            status = await _cluster_status(client, token)  # also tells a node or a bad token apart, first
+        if stop.requested.is_set():
+            return _interrupted("status")
+        if args.watch:
+            await _watch(client, stop)  # until Ctrl-C: a clean stop, like a server's
+            return 0
     print(format_status(status))
     return 0
+
+
+async def _watch(client: Any, stop: _Stop) -> None:
+    """Redraw the table from the change stream (at most four times a second) until a stop is asked for."""
+    from ._client import ClusterView
+
+    view = ClusterView()
+    changed = anyio.Event()
+    tty = sys.stdout.isatty()
+    last: list[str] = [""]
+
+    async def read() -> None:
+        nonlocal changed
+        async with client.changes() as changes:
+            async for change in changes:
+                view.apply(change)
+                last[0] = f"{change.type} at {time.strftime('%H:%M:%S')}"
+                changed.set()
+
+    async def draw() -> None:
+        nonlocal changed
+        while True:
+            await changed.wait()
+            changed = anyio.Event()
+            header = f"watching {client.url} (Ctrl-C to stop); last change: {last[0]}"
+            # On a terminal the table is redrawn in place; in a file or a pipe each version follows the last.
+            print(("\x1b[H\x1b[2J" if tty else "") + header + "\n" + format_status(view.status()) + "\n", flush=True)
+            await anyio.sleep(0.25)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(read)
+        tg.start_soon(draw)
+        await stop.requested.wait()
+        tg.cancel_scope.cancel()
+    print("stopped watching", flush=True)
 
 
 async def _cluster_status(client: Any, token: str | None) -> dict[str, Any]:
@@ -518,9 +556,10 @@ def _print_demo_intro(coordinator_url: str, nodes: list[tuple[Any, list[str]]]) 
     lines = [
         "demo cluster: a coordinator and two nodes on this machine; Ctrl-C to stop",
         f"  coordinator  {coordinator_url}",
+        f"  dashboard    {coordinator_url}/ui/  (open it in a browser)",
         *(f"  {node.node_id}  {node.url}  processes: {', '.join(names)}" for node, names in nodes),
         "try, in another terminal:",
-        f"  {_program()} status --coordinator {coordinator_url}",
+        f"  {_program()} status --watch --coordinator {coordinator_url}",
         f"  curl -s -X POST {coordinator_url}/cluster/nodes/{first.node_id}/processes/{event}/event "
         '-H \'content-type: application/json\' -d \'{"payload": {"hello": "world"}}\'',
         f"  (the {event} process of {first.node_id} logs the payload here)",

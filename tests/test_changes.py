@@ -334,3 +334,92 @@ async def _take(changes: Any, count: int) -> AsyncIterator[Change]:
     for _ in range(count):
         with anyio.fail_after(20):
             yield await anext(changes)
+
+
+# -- the coordinator's stream ------------------------------------------------------------------------------
+
+
+class TestCoordinatorStream:
+    async def test_joined_health_processes_and_left_in_process(self) -> None:
+        from support import dead_url
+
+        from promptise_asgi.coordinator import RuntimeCoordinator
+
+        coordinator = RuntimeCoordinator(health_check_interval=0.2, request_timeout=1, node_timeout=0.3)
+        async with coordinator, node() as (runtime, transport), coordinator.changes() as changes:
+            snapshot = await changes.receive()
+            assert (snapshot.type, snapshot.data["total_nodes"]) == ("snapshot", 0)
+            coordinator.register_node("n1", transport.url, {"zone": "a"})
+            coordinator.register_node("gone", dead_url())
+            seen: dict[str, list[dict[str, Any]]] = {}
+
+            async def until(kind: str, check: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+                with anyio.fail_after(10):
+                    while True:
+                        for data in seen.get(kind, []):
+                            if check(data):
+                                return data
+                        change = await changes.receive()
+                        seen.setdefault(change.type, []).append(change.data)
+
+            assert await until("node.joined", lambda d: d["node_id"] == "n1") == {
+                "node_id": "n1", "url": transport.url, "metadata": {"zone": "a"},
+            }  # fmt: skip
+            health = await until("node.health", lambda d: d["node_id"] == "n1")
+            assert health == {"node_id": "n1", "healthy": True, "missed_check": False, "process_count": 1, "error": ""}
+            await until("node.health", lambda d: d["node_id"] == "gone" and not d["healthy"] and d["error"])
+            listed = await until("node.processes", lambda d: d["node_id"] == "n1")
+            assert listed["processes"] == [{"name": "worker", "state": "running"}]
+            await runtime.stop_process("worker")  # learned by the monitor's checks, within two intervals
+            await until("node.processes", lambda d: d["processes"] == [{"name": "worker", "state": "stopped"}])
+            coordinator.unregister_node("gone")
+            assert await until("node.left", lambda d: d["node_id"] == "gone") == {
+                "node_id": "gone",
+                "reason": "unregistered",
+            }
+
+    async def test_an_expired_node_leaves_with_its_reason(self) -> None:
+        from promptise_asgi.coordinator import RuntimeCoordinator
+        from promptise_asgi.discovery import RegistryDiscovery
+
+        clock = Clock(0.0)
+        registry = RegistryDiscovery(ttl=5, clock=clock)
+        coordinator = RuntimeCoordinator(discovery=registry)
+        await registry.register("n1", "http://127.0.0.1:9")
+        await coordinator.sync_discovery()
+        async with coordinator.changes() as changes:
+            assert [n for n in (await changes.receive()).data["nodes"]] == ["n1"]
+            clock.now = 10.0
+            await coordinator.sync_discovery()
+            change = await changes.receive()
+        assert (change.type, change.data) == ("node.left", {"node_id": "n1", "reason": "expired"})
+        await coordinator.aclose()
+
+    async def test_over_http_with_the_client_and_a_view_of_the_cluster(self) -> None:
+        from promptise_asgi._client import ClusterView
+        from promptise_asgi.client import CoordinatorClient
+        from promptise_asgi.coordinator import RuntimeCoordinator, create_coordinator_app
+        from promptise_asgi.transport import AppServer
+
+        coordinator = RuntimeCoordinator(health_check_interval=0.2, request_timeout=1)
+        server = AppServer(create_coordinator_app(coordinator, auth_token="ops"), "127.0.0.1", 0)
+        async with coordinator, node() as (_, transport):
+            await server.start()
+            try:
+                view = ClusterView()
+                async with CoordinatorClient(server.url, auth_token="ops") as client, client.changes() as changes:
+                    view.apply(await anext(changes))
+                    coordinator.register_node("n1", transport.url, {"zone": "a"})
+                    with anyio.fail_after(10):
+                        while view.status()["healthy_nodes"] != 1:
+                            view.apply(await anext(changes))
+                status = view.status()
+                assert status["total_nodes"] == 1 and status["total_processes"] == 1
+                assert status["nodes"]["n1"]["url"] == transport.url
+                async with CoordinatorClient(server.url, auth_token="wrong") as client, client.changes() as changes:
+                    with pytest.raises(NodeError) as caught:
+                        await anext(changes)
+                assert caught.value.status_code == 401 and "coordinator" in str(caught.value)
+            finally:
+                coordinator.change_hub.close()
+                await server.stop()

@@ -586,3 +586,23 @@ def test_a_bad_config_and_a_port_in_use_are_one_line(tmp_path: Path) -> None:
         result = run_cli("node", "--config", str(EXAMPLE), "--port", str(port))
     assert result.returncode == 1
     assert_one_line(result.stderr, f"127.0.0.1:{port}")
+
+
+def test_status_watch_redraws_the_table_on_each_change_and_stops_cleanly() -> None:
+    coordinator_port, node_port = free_port(), free_port()
+    with cli_process("coordinator", "--port", str(coordinator_port), "--health-check-interval", "0.5") as coordinator:
+        coordinator.wait_for_line("coordinator serving on")
+        with cli_process("status", "--watch", "--coordinator", f"127.0.0.1:{coordinator_port}") as watch:
+            first = watch.wait_for_line("0 nodes, 0 healthy")
+            assert "Traceback" not in first
+            args = ("node", "--config", str(EXAMPLE), "--port", str(node_port), "--node-id", "watched")
+            with cli_process(*args, "--coordinator", f"127.0.0.1:{coordinator_port}") as node:
+                watch.wait_for_line("node.joined at")  # drawn from the stream: nobody asked again
+                watch.wait_for_line("1 node, 1 healthy, 2 processes")
+                node.interrupt()
+            watch.wait_for_line("node.left at")
+            output = watch.interrupt()
+        coordinator.interrupt()
+    assert watch.process.returncode == 0, output
+    assert "Traceback" not in output and output.rstrip().endswith("stopped watching")
+    assert re.search(r"^watched +http://127\.0\.0\.1:\d+ +healthy +2$", output, re.M), output

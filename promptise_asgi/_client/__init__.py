@@ -6,5 +6,6 @@ from __future__ import annotations
 from ._coordinator import CoordinatorClient
 from ._node import NodeClient
 from ._stream import ChangeStream
+from ._view import ClusterView
 
-__all__ = ["ChangeStream", "CoordinatorClient", "NodeClient"]
+__all__ = ["ChangeStream", "ClusterView", "CoordinatorClient", "NodeClient"]

@@ -84,8 +84,7 @@ async function start() {
   $("dashboard").hidden = false;
   document.body.classList.toggle("read-only", state.scope === "read");
   $("scope").textContent = state.scope === "read" ? "read-only" : "";
-  await loadStatus();
-  stream();
+  stream(); // its first message is a snapshot of the coordinator's table: nothing is polled to draw the page
 }
 
 $("login-form").addEventListener("submit", (event) => {
@@ -96,11 +95,6 @@ $("login-form").addEventListener("submit", (event) => {
 });
 
 // -- the node table ---------------------------------------------------------------------------------------
-
-async function loadStatus() {
-  const status = await json("cluster/status");
-  applySnapshot(status);
-}
 
 function applySnapshot(status) {
   state.nodes = new Map(Object.entries(status.nodes || {}));
