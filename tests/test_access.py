@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import re
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
