@@ -498,6 +498,24 @@ class TestOverRealPromptise:
             assert (await client.get("/readyz")).status_code == 503
             assert {compat.state_name(p) for p in runtime.processes.values()} == {"stopped"}
 
+    async def test_its_changes_are_derived_once_a_second(self, runtime: Any) -> None:
+        """promptise has no change hooks: the node compares status and sends the same messages (SPEC 13)."""
+        from promptise_asgi.transport import create_transport_app, node_lifespan
+
+        app = create_transport_app(runtime, node_id="node-1")
+        changes = app.state.node.changes
+        async with node_lifespan(app), changes.hub.subscribe() as subscription:
+            snapshot = await subscription.receive()
+            assert snapshot.type == "snapshot" and set(snapshot.data["processes"]) == {"worker", "fresh", "night shift"}
+            await runtime.stop_process("worker")
+            changes.tick()  # what the node does every second
+            seen = []
+            with anyio.fail_after(5):
+                while not any(c.type == "process.state" for c in seen):
+                    seen.append(await subscription.receive())
+        state = next(c for c in seen if c.type == "process.state")
+        assert state.data == {"name": "worker", "state": "stopped", "previous": "running"}
+
     async def test_example_runs(self, capsys: pytest.CaptureFixture[str]) -> None:
         spec = importlib.util.spec_from_file_location("promptise_mount_example", EXAMPLE)
         assert spec is not None and spec.loader is not None
