@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -236,11 +237,15 @@ class TestNodeStream:
                     assert stream.response.status_code == 200
                     assert (await stream.until(lambda m: len(m) >= 1))[0]["event"] == "snapshot"
 
-    async def test_stopping_a_node_with_100_open_streams_is_quick(self, anyio_backend: str) -> None:
+    @pytest.mark.parametrize(
+        ("anyio_backend", "server"),
+        [("asyncio", "uvicorn"), ("asyncio", "hypercorn"), ("trio", "hypercorn")],
+    )
+    async def test_stopping_a_node_with_100_open_streams_is_quick(self, server: str) -> None:
         graceful = 2.0
         runtime = AgentRuntime()
         await runtime.add_process("worker", ProcessConfig())
-        transport = RuntimeTransport(runtime, port=0, graceful_timeout=graceful)
+        transport = RuntimeTransport(runtime, port=0, graceful_timeout=graceful, server=server)  # type: ignore[arg-type]
         await transport.start()
         limits = httpx.Limits(max_connections=200)
         async with httpx.AsyncClient(base_url=transport.url, limits=limits, timeout=30) as client:
@@ -263,6 +268,29 @@ class TestNodeStream:
         assert elapsed < graceful + 1.0
         phases = [c.data["phase"] for c in transport.app.state.node.changes.hub._history if c.type == "node.phase"]
         assert phases[-2:] == ["draining", "stopped"]
+
+    async def test_a_reader_that_stops_reading_is_cut_off_and_the_node_keeps_answering(self) -> None:
+        async with node() as (_, transport), httpx.AsyncClient(base_url=transport.url) as client:
+            stalled = await anyio.connect_tcp("127.0.0.1", transport.port)
+            await stalled.send(b"GET /changes HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # and never reads
+            hub = transport.app.state.node.changes.hub
+            await wait_for(lambda: hub.subscribers == 1)
+            published = 0
+            with anyio.fail_after(60):
+                while hub.subscribers:  # 1 KB changes: the socket's buffers fill, then the reader's 1,024
+                    for _ in range(200):
+                        hub.publish("test.blob", {"blob": "x" * 1000, "n": published})
+                        published += 1
+                    assert (await client.get("/health")).status_code == 200  # the stalled stream blocks nobody
+            received = bytearray()
+            with anyio.fail_after(20):  # what the reader holds, then the chunked body's end (or the close)
+                with contextlib.suppress(anyio.EndOfStream):
+                    while not received.endswith(b"\r\n0\r\n\r\n"):
+                        received += await stalled.receive()
+            await stalled.aclose()
+            numbers = [int(n) for n in re.findall(rb'"n":(\d+)', bytes(received))]
+            assert numbers == list(range(len(numbers)))  # in order, none skipped silently before the cut
+            assert len(numbers) >= 1024 and published > len(numbers)  # it was cut off, not sent everything
 
 
 class TestWithoutHooks:
