@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: free ports, waiting on a condition with a deadline, addresses to aim at."""
+"""Helpers shared by the tests: free ports, waiting on a condition with a deadline, addresses to aim at, stores."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ from typing import Any
 
 import anyio
 import httpx
+
+from promptise_asgi.store import EventStore, MemoryStore, SQLiteStore
+
+
+def make_store(kind: str, directory: Path) -> EventStore:
+    """A fresh event store: `"memory"`, or `"sqlite"` (a file in `directory`)."""
+    return MemoryStore() if kind == "memory" else SQLiteStore(directory / "events.sqlite3")
 
 
 def free_port() -> int:
