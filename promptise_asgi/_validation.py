@@ -23,6 +23,7 @@ __all__ = [
     "NODE_ID_PATTERN",
     "NodeAddressRules",
     "check_count",
+    "check_idempotency_key",
     "check_seconds",
     "clean_token",
     "exposed_without_token",
@@ -121,6 +122,16 @@ def check_count(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+_IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+def check_idempotency_key(key: object) -> str:
+    """Return `key` if it is 1-255 characters in 0x20-0x7E (printable ASCII and space), else raise ValueError."""
+    if not isinstance(key, str) or not _IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise ValueError("Idempotency-Key must be 1-255 characters of printable ASCII (0x20-0x7E)")
+    return key
 
 
 def metadata_size(metadata: Mapping[str, Any], limit: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,6 +21,21 @@ from promptise_asgi.store import EventStore, MemoryStore, SQLiteStore
 def make_store(kind: str, directory: Path) -> EventStore:
     """A fresh event store: `"memory"`, or `"sqlite"` (a file in `directory`)."""
     return MemoryStore() if kind == "memory" else SQLiteStore(directory / "events.sqlite3")
+
+
+def crash_copy(path: Path, to: Path) -> Path:
+    """What a `kill -9` of the runtime using the SQLite store `path` would leave right now: its committed state.
+
+    SQLite's backup API copies every committed transaction (the WAL's too) into a new file, which a new store
+    opens as if the runtime holding `path` had died.
+    """
+    source, target = sqlite3.connect(path), sqlite3.connect(to)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+    return to
 
 
 def free_port() -> int:
