@@ -6,6 +6,7 @@ or httpx.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import math
@@ -26,6 +27,7 @@ __all__ = [
     "check_idempotency_key",
     "check_seconds",
     "clean_token",
+    "derive_idempotency_key",
     "exposed_without_token",
     "is_loopback_host",
     "metadata_size",
@@ -132,6 +134,15 @@ def check_idempotency_key(key: object) -> str:
     if not isinstance(key, str) or not _IDEMPOTENCY_KEY_RE.fullmatch(key):
         raise ValueError("Idempotency-Key must be 1-255 characters of printable ASCII (0x20-0x7E)")
     return key
+
+
+def derive_idempotency_key(key: str, node_id: str) -> str:
+    """The key a broadcast sends to one node: the same for the same key and node, different per node.
+
+    A retried broadcast (same key) is recognised by every node, and one node never mistakes another node's
+    event for its own. 64 hex characters: a valid key whatever the inputs were.
+    """
+    return hashlib.sha256(f"{key}\0{node_id}".encode()).hexdigest()
 
 
 def metadata_size(metadata: Mapping[str, Any], limit: int) -> int:

@@ -18,6 +18,12 @@ import httpx
 from promptise_asgi.store import EventStore, MemoryStore, SQLiteStore
 
 
+def asgi_client(app: Any, base_url: str = "http://127.0.0.1", **kwargs: Any) -> httpx.AsyncClient:
+    """An httpx client that talks to `app` in process; app exceptions become 500 answers, as a server's do."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url=base_url, **kwargs)
+
+
 def make_store(kind: str, directory: Path) -> EventStore:
     """A fresh event store: `"memory"`, or `"sqlite"` (a file in `directory`)."""
     return MemoryStore() if kind == "memory" else SQLiteStore(directory / "events.sqlite3")

@@ -442,6 +442,9 @@ class TestMetricsAndOpenAPI:
             "/processes/{name}/stop",
             "/processes/{name}/restart",
             "/processes/{name}/event",
+            "/processes/{name}/dead-letters",
+            "/processes/{name}/dead-letters/{event_id}/retry",
+            "/processes/{name}/dead-letters/{event_id}",
             "/metrics",
         }
         assert "security" not in document

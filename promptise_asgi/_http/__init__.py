@@ -5,10 +5,18 @@ from __future__ import annotations
 
 from ._bodies import EventBody, parse_event_body, read_json_object
 from ._guard import CONTROL, NODE, ONLY_CONTROL, PROBE_PATHS, RequestGuard, ScopeRule, Scopes, route_path
-from ._responses import JSONResponse, dumps, error_response, exception_handlers, response_for_exception
+from ._responses import (
+    EXPECTED_FAILURES,
+    JSONResponse,
+    dumps,
+    error_response,
+    exception_handlers,
+    response_for_exception,
+)
 
 __all__ = [
     "CONTROL",
+    "EXPECTED_FAILURES",
     "NODE",
     "ONLY_CONTROL",
     "PROBE_PATHS",

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ClosableRuntime", "ProcessLike", "RuntimeLike"]
+__all__ = ["ClosableRuntime", "ProcessLike", "RuntimeLike", "StoreProcess"]
 
 
 @runtime_checkable
@@ -56,3 +56,18 @@ class ClosableRuntime(Protocol):
     """A runtime with an exit of its own (the built-in one): `aclose()` stops everything and releases it."""
 
     async def aclose(self) -> Any: ...
+
+
+@runtime_checkable
+class StoreProcess(Protocol):
+    """A process whose events live in an event store (the built-in runtime's): it takes idempotency keys and
+    keeps dead letters. The real `promptise` runtime owns its queue and has none of this."""
+
+    async def inject(self, event: Any, *, idempotency_key: str | None = None, fingerprint: str | None = None) -> str:
+        """Queue an event once per key; returns the id of the event the key belongs to."""
+
+    async def list_dead_letters(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    async def retry_dead_letter(self, event_id: str) -> bool: ...
+
+    async def delete_dead_letter(self, event_id: str) -> bool: ...
