@@ -191,9 +191,11 @@ class AgentProcess:
             try:
                 await self._store.add(record)
             except Exception:
-                if self._queue.remove(event):
-                    ledger.held.discard(event_id)
-                    self._events_received -= 1
+                # Not accepted: take it back. A worker may have been handed it already; it skips events the
+                # ledger does not hold.
+                ledger.held.discard(event_id)
+                self._events_received -= 1
+                self._queue.remove(event)
                 raise
             return event_id
         stored_key = IdempotencyKey(
@@ -517,6 +519,8 @@ class AgentProcess:
             batch += 1
             self._taken += 1
             ticket = self._taken
+            if durable and event.event_id not in ledger.held:
+                continue  # its store write failed after it was queued: it was never accepted
             in_flight[ticket] = event
             if durable and not await ledger.mark(event, ticket, queue):
                 del in_flight[ticket]

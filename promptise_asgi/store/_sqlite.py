@@ -257,6 +257,7 @@ class SQLiteStore:
                 current.error = exc
                 if not isinstance(exc, Exception):
                     raise
+                logger.error("event store %s: a commit of %d write(s) failed: %s", self.location, len(current.ops), exc)
             finally:
                 self._flushing = None
                 current.done.set()
