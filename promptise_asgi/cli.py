@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any
@@ -46,6 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     node.add_argument("--coordinator", help="register with this coordinator URL ($PROMPTISE_COORDINATOR_URL)")
     node.add_argument("--advertise-url", help="URL other machines reach this node at ($PROMPTISE_ADVERTISE_URL)")
     node.add_argument("--etcd", help="register in etcd at these endpoint URL(s), comma-separated")
+    node.add_argument(
+        "--store",
+        metavar="PATH|memory",
+        help="keep accepted events in this SQLite file, or 'memory' to keep them in memory only "
+        "($PROMPTISE_STORE, or [node] store; default ./promptise-data/<node-id>.sqlite3)",
+    )
     node.add_argument(
         "--allow-unauthenticated", action="store_true", help="bind a non-loopback host without PROMPTISE_AUTH_TOKEN"
     )
@@ -133,6 +140,7 @@ async def _run_node(args: argparse.Namespace) -> None:
             "coordinator_url": args.coordinator,
             "advertise_url": args.advertise_url,
             "etcd": args.etcd,
+            "store": args.store,
         },
     )
     runtime = await settings.build_runtime()
@@ -263,9 +271,13 @@ async def _run_demo(args: argparse.Namespace) -> None:
         stack.callback(server.close)
         await server.start()
         stack.push_async_callback(server.stop)
+        # The demo's nodes keep their events in files that go when it ends.
+        data = stack.enter_context(tempfile.TemporaryDirectory(prefix="promptise-demo-"))
         for index in (1, 2):
             port = 0 if args.port == 0 else args.port + index
-            runtime = await demo_settings().build_runtime()
+            settings = demo_settings()
+            settings.store = os.path.join(data, f"demo-node-{index}.sqlite3")
+            runtime = await settings.build_runtime()
             discovery = await stack.enter_async_context(CoordinatorDiscovery(server.url))
             node = RuntimeTransport(
                 runtime, port=port, node_id=f"demo-node-{index}", discovery=discovery, heartbeat_interval=5

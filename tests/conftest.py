@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -8,6 +9,10 @@ from etcd_server import EtcdServer, require_etcd
 from support import make_store
 
 from promptise_asgi.store import EventStore
+
+# Nodes the tests start (the CLI, the module app) keep events in memory unless a test gives them a store: the
+# default SQLite file under the repository would carry one test's leftover events into another test or run.
+os.environ.setdefault("PROMPTISE_STORE", "memory")
 
 
 @pytest.fixture(params=[pytest.param("asyncio", id="asyncio"), pytest.param("trio", id="trio")])

@@ -104,10 +104,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
-def serve(command: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+def serve(command: list[str], env: dict[str, str], cwd: Path = ROOT) -> Iterator[subprocess.Popen[str]]:
     """Run a server command in a subprocess (stdout and stderr merged), terminated when the block ends."""
     process = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
         yield process

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from support import serve, wait_healthy
 
 from promptise_asgi.cli import format_status, main
 
@@ -246,3 +247,42 @@ def test_coordinator_node_token_and_node_networks() -> None:
     assert outside.status_code == 422 and "outside the allowed node networks" in outside.json()["error"]
     assert operator.status_code == 403
     assert list(status.json()["nodes"]) == ["a"]
+
+
+class TestStore:
+    """SPEC 12: `node` keeps its events in ./promptise-data/<node-id>.sqlite3, or where --store says."""
+
+    def test_the_default_file_and_one_live_node_per_file(self, tmp_path: Path) -> None:
+        config = tmp_path / "node.toml"
+        config.write_text('[node]\nid = "keeper"\n[[processes]]\nname = "worker"\n')
+        port = free_port()
+        node = [sys.executable, "-m", "promptise_asgi", "node", "--config", str(config)]
+        env = {"PROMPTISE_STORE": ""}  # unset: the default
+        with serve([*node, "--port", str(port)], env, cwd=tmp_path) as first:
+            wait_healthy(f"http://127.0.0.1:{port}/health", first)
+            store = tmp_path / "promptise-data" / "keeper.sqlite3"
+            assert store.is_file()
+            second = subprocess.run(
+                [*node, "--port", str(free_port())],
+                cwd=tmp_path,
+                env={**os.environ, **env},
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert_one_clean_line(second, str(store), "in use by another live runtime", f"pid {first.pid}")
+            first.send_signal(signal.SIGINT)
+            output, _ = first.communicate(timeout=30)
+        assert f"event store: SQLite file {store}" in output
+
+    def test_the_store_flag(self, tmp_path: Path) -> None:
+        port = free_port()
+        path = tmp_path / "elsewhere" / "events.sqlite3"
+        command = [sys.executable, "-m", "promptise_asgi", "node", "--config", str(EXAMPLE), "--port", str(port)]
+        with serve([*command, "--store", str(path)], {}) as process:
+            status = wait_until(f"http://127.0.0.1:{port}/processes/echo/status", process).json()
+            assert status["store"] == "sqlite" and path.is_file()
+        port = free_port()
+        with serve([*command[:-1], str(port), "--store", "memory"], {"PROMPTISE_STORE": str(path)}) as process:
+            status = wait_until(f"http://127.0.0.1:{port}/processes/echo/status", process).json()
+            assert status["store"] == "memory"
