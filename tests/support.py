@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import sqlite3
 import subprocess
@@ -121,6 +122,26 @@ def serve(command: list[str], env: dict[str, str], cwd: Path = ROOT) -> Iterator
                 process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def wait_for_line(process: subprocess.Popen[str], prefix: str, timeout: float = 30.0) -> str | None:
+    """The first line of `process`'s output that starts with `prefix`; None if the process exits first.
+
+    Raises:
+        AssertionError: neither happened within `timeout` seconds.
+    """
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([process.stdout], [], [], remaining)
+        if readable:
+            line = process.stdout.readline()
+            if not line:  # end of output: the process is gone
+                process.wait(timeout=max(remaining, 1))
+                return None
+            if line.startswith(prefix):
+                return line.strip()
+    raise AssertionError(f"no line starting with {prefix!r} within {timeout}s")
 
 
 def wait_healthy(url: str, process: subprocess.Popen[str], timeout: float = 30.0) -> dict[str, Any]:
