@@ -93,13 +93,13 @@ class Ledger:
         self.dead_letters = recovery.dead_letters
         self._count_dropped(recovery.dropped)
         if recovery.pending:
+            crashed = f" ({len(self.suspects)} cut off by a crash, delivered one at a time)" if self.suspects else ""
             logger.warning(
-                "Process %r: %d event(s) recovered from the event store %s, delivered before new ones "
-                "(%d cut off by a crash, delivered one at a time)",
+                "Process %r: %d event(s) recovered from the event store %s, delivered before new ones%s",
                 self.name,
                 len(recovery.pending),
                 self.store.location,
-                len(self.suspects),
+                crashed,
             )
         for letter in recovery.dead:
             logger.error(
