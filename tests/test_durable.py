@@ -14,9 +14,10 @@ import anyio
 import pytest
 from support import WAIT, crash_copy, wait_for
 
-from promptise_asgi.runtime import AgentRuntime, ProcessConfig, QueueFullError, TriggerEvent
+from promptise_asgi.runtime import AgentRuntime, ProcessConfig, QueueFullError, TriggerConfig, TriggerEvent
 from promptise_asgi.runtime import _process as process_module
 from promptise_asgi.runtime._models import MAX_RETRY_DELAY, retry_delay
+from promptise_asgi.runtime._queue import EventQueue
 from promptise_asgi.store import (
     EventStore,
     EventStoreError,
@@ -118,6 +119,42 @@ class TestRecovery:
         assert letter["event"]["payload"] == {"i": 0, "block": True}
         assert ("process.dead_letter", {"name": "w", "event_id": poison.event_id, "reason": "interrupted"}) in seen
         assert seen.index(("process.added", {"name": "w"})) < len(seen) - 1
+
+    async def test_a_failed_event_keeps_its_error_count_and_a_window_stops_at_a_suspect(self, tmp_path: Path) -> None:
+        failing, blocking = ev(0), ev(1, block=True)
+        errors: list[tuple[str, int]] = []
+
+        class FailsFirst(Deliveries):
+            async def __call__(self, event: TriggerEvent) -> None:
+                if event.event_id == failing.event_id:
+                    errors.append((event.event_id, event.attempt))
+                    raise RuntimeError("once more")
+                await super().__call__(event)
+
+        path = tmp_path / "e.sqlite3"
+        handler = FailsFirst()
+        runtime = AgentRuntime(store=SQLiteStore(path))
+        config = ProcessConfig(handler=handler, max_attempts=2, retry_backoff=MAX_RETRY_DELAY, drain_timeout=0)
+        process = await runtime.add_process("w", config)
+        await process.inject(failing)
+        await runtime.start_all()
+        await wait_for(lambda: process.status()["retrying"] == 1)
+        await process.inject(blocking)
+        with anyio.fail_after(WAIT):
+            await handler.blocked.wait()
+        crashed = crash_copy(path, tmp_path / "e-crashed.sqlite3")
+        await runtime.aclose()
+
+        # The failed event waits (one error down), the blocked one was cut off by the crash.
+        again = FailsFirst()
+        async with AgentRuntime(store=SQLiteStore(crashed)) as runtime:
+            process = await runtime.add_process("w", ProcessConfig(handler=again, max_attempts=2, drain_timeout=0))
+            await runtime.start_all()
+            await wait_for(lambda: process.status()["dead_letters"] == 1 and len(again.seen) == 1)
+            [letter] = await process.list_dead_letters()
+        # Its second error is its last (max_attempts=2): the error count came back with it.
+        assert errors == [(failing.event_id, 1), (failing.event_id, 2)] and letter["event_id"] == failing.event_id
+        assert again.seen == [(blocking.event_id, 2)]
 
     async def test_events_of_a_name_the_runtime_lacks_wait_in_the_store_and_are_logged(
         self, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -322,6 +359,59 @@ class TestStoreFailures:
             assert broken.status()["dead_letters"] == 0
         assert any("cannot mark events in flight" in m for m in caplog.messages)
         assert any("cannot move event" in m for m in caplog.messages)
+
+    async def test_a_stop_while_workers_wait_for_a_mark_hands_back_what_never_started(self) -> None:
+        gate = anyio.Event()
+        released: list[tuple[str, int, bool]] = []
+
+        class SlowDisk(MemoryStore):
+            durable = True  # type: ignore[assignment]
+
+            async def start_deliveries(self, process: str, deliveries: Any) -> None:
+                await gate.wait()
+
+            def release(self, process: str, deliveries: Any) -> None:
+                released.extend(deliveries)
+
+        handler = Deliveries()
+        runtime = AgentRuntime(store=SlowDisk())
+        process = await runtime.add_process("w", ProcessConfig(handler=handler, concurrency=2, drain_timeout=0))
+        first, second, third = ev(1), ev(2), ev(3)
+        for event in (first, second, third):
+            await process.inject(event)
+        await runtime.start_all()
+        await wait_for(lambda: process.status()["in_flight"] == 2)  # one marks the window, one waits for it
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(process.stop)
+            await wait_for(lambda: process.state == "stopping")
+            gate.set()
+        # The worker that marked the window had its handler called before the stop reached it.
+        assert handler.ids == [first.event_id]
+        by_id = {event_id: (attempts, cut) for event_id, attempts, cut in released}
+        # The waiting worker's event and the one marked ahead never started: they keep their delivery number.
+        assert by_id[second.event_id] == (0, False) and by_id[third.event_id] == (0, False)
+        assert process.status()["queue_size"] == 2
+        await runtime.aclose()
+
+    async def test_a_trigger_whose_event_the_store_refuses_logs_it(self, caplog: pytest.LogCaptureFixture) -> None:
+        class FullDisk(MemoryStore):
+            durable = True  # type: ignore[assignment]
+
+            async def add(self, record: Any, key: Any = None) -> str:
+                raise EventStoreError("disk full")
+
+        trigger = TriggerConfig(type="interval", interval_seconds=0.01)
+        async with AgentRuntime(store=FullDisk()) as runtime:
+            process = await runtime.add_process("w", ProcessConfig(triggers=[trigger]))
+            await runtime.start_all()
+            await wait_for(lambda: any("could not queue an event: disk full" in m for m in caplog.messages))
+            assert process.status()["events_received"] == 0
+
+    async def test_a_queue_removes_only_what_it_holds(self) -> None:
+        queue: EventQueue[str] = EventQueue()
+        queue.put("a")
+        assert queue.remove("b") is False and len(queue) == 1
+        assert queue.remove("a") is True and queue.remove("a") is False and len(queue) == 0
 
     async def test_a_durable_process_refuses_a_second_event_with_an_id_it_holds(self, tmp_path: Path) -> None:
         async with AgentRuntime(store=SQLiteStore(tmp_path / "ids.sqlite3")) as runtime:

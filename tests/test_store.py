@@ -258,6 +258,8 @@ class TestSQLite:
         garbage.write_bytes(b"not a database, " * 100)
         with pytest.raises(EventStoreError, match="not a usable store"):
             await SQLiteStore(garbage).open()
+        with pytest.raises(EventStoreError, match="cannot open it"):
+            await SQLiteStore(tmp_path).open()  # a directory
         newer = tmp_path / "newer.sqlite3"
         con = sqlite3.connect(newer)
         con.execute("PRAGMA user_version = 99")

@@ -95,6 +95,9 @@ class TestIdempotencyKey:
             async def add(self, record: Any, key: Any = None) -> str:
                 raise EventStoreError("event store /data/x.sqlite3: a write failed (disk full)")
 
+            async def requeue_dead_letter(self, process: str, event_id: str) -> Any:
+                raise EventStoreError("event store /data/x.sqlite3: a write failed (disk full)")
+
         async with node(FullDisk()) as (process, client, _):
             response = await client.post("/processes/worker/event", json={})
             assert response.status_code == 503 and "disk full" in response.json()["error"]
@@ -103,6 +106,8 @@ class TestIdempotencyKey:
             await process.stop()
             response = await client.post("/processes/worker/event", json={})  # no worker waiting this time
             assert response.status_code == 503 and process.status()["queue_size"] == 0
+            retry = await client.post("/processes/worker/dead-letters/x/retry")
+            assert retry.status_code == 503 and "disk full" in retry.json()["error"]
 
 
 class TestDeadLetterRoutes:
