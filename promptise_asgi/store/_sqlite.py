@@ -23,62 +23,17 @@ import anyio
 import anyio.to_thread
 import orjson
 
-from .._errors import EventStoreError, IdempotencyKeyConflictError, StoreLockedError
-from ._base import DeadLetter, Delivery, EventRecord, IdempotencyKey, Recovery, key_owner
+from .._errors import EventStoreError, StoreLockedError
+from ._base import DeadLetter, Delivery, EventRecord, IdempotencyKey, Recovery
+from ._sql import SCHEMA, SCHEMA_VERSION, WRITERS, Out
 
 __all__ = ["SQLiteStore"]
 
 logger = logging.getLogger("promptise_asgi.store")
 
-SCHEMA_VERSION = 1
-# seq orders events as they were accepted: a new row's rowid is above every row the table holds.
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY,
-    process TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    fields BLOB NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    errors INTEGER NOT NULL DEFAULT 0,
-    crashes INTEGER NOT NULL DEFAULT 0,
-    cut INTEGER NOT NULL DEFAULT 0,
-    in_flight INTEGER NOT NULL DEFAULT 0
-);
-CREATE UNIQUE INDEX IF NOT EXISTS events_by_id ON events (process, event_id);
-CREATE TABLE IF NOT EXISTS dead_letters (
-    seq INTEGER PRIMARY KEY,
-    process TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    fields BLOB NOT NULL,
-    attempts INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    error TEXT,
-    dead_at REAL NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS dead_letters_by_id ON dead_letters (process, event_id);
-CREATE TABLE IF NOT EXISTS idempotency_keys (
-    process TEXT NOT NULL,
-    key TEXT NOT NULL,
-    event_id TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    expires_at REAL NOT NULL,
-    PRIMARY KEY (process, key)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS idempotency_keys_by_expiry ON idempotency_keys (expires_at);
-"""
 _SYNCHRONOUS = {"normal": "NORMAL", "full": "FULL"}
 # Expired idempotency keys are deleted by a commit at most this often.
 KEY_PURGE_INTERVAL = 60.0
-
-
-class _Out:
-    """Where a write that answers something (a key's owner, a dead letter found or not) puts its answer."""
-
-    __slots__ = ("error", "value")
-
-    def __init__(self) -> None:
-        self.value: Any = None
-        self.error: Exception | None = None
 
 
 class _Batch:
@@ -200,7 +155,7 @@ class SQLiteStore:
             if str(mode).lower() != "wal":
                 raise EventStoreError(f"event store {self.location}: WAL journal mode unavailable ({mode})")
             con.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self._synchronous]}")
-            con.executescript(_SCHEMA)
+            con.executescript(SCHEMA)
             con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             con.close()
@@ -274,6 +229,7 @@ class SQLiteStore:
         con = self._con
         assert con is not None
         con.execute("BEGIN IMMEDIATE")
+        now = self._clock()
         try:
             start, count = 0, len(ops)
             while start < count:
@@ -281,9 +237,8 @@ class SQLiteStore:
                 end = start + 1
                 while end < count and ops[end][0] == kind:
                     end += 1
-                _WRITERS[kind](self, con, [op[1] for op in ops[start:end]])
+                WRITERS[kind](con, [op[1] for op in ops[start:end]], now)
                 start = end
-            now = self._clock()
             if now >= self._next_purge:
                 con.execute("DELETE FROM idempotency_keys WHERE expires_at <= ?", (now,))
                 self._next_purge = now + KEY_PURGE_INTERVAL
@@ -313,7 +268,7 @@ class SQLiteStore:
         An event that reaches `poison_after` crashes in a row moves to the dead letters (reason
         `"interrupted"`); the others wait again, in acceptance order.
         """
-        out = _Out()
+        out = Out()
         await self._commit(self._submit(("recover", (process, poison_after, max_dead_letters, out))))
         recovery: Recovery = out.value
         return recovery
@@ -330,7 +285,7 @@ class SQLiteStore:
         if key is None:
             await self._commit(self._submit(("add", (record.process, record.event_id, blob))))
             return record.event_id
-        out = _Out()
+        out = Out()
         await self._commit(self._submit(("add_keyed", (record, key, blob, out))))
         if out.error is not None:
             raise out.error
@@ -360,7 +315,7 @@ class SQLiteStore:
 
     async def move_to_dead_letters(self, letter: DeadLetter, *, max_dead_letters: int) -> int:
         """Move an event to the dead letters; returns how many of the oldest were dropped."""
-        out = _Out()
+        out = Out()
         await self._commit(self._submit(("dead", (letter, _encode(letter.fields), max_dead_letters, out))))
         dropped: int = out.value
         return dropped
@@ -381,14 +336,14 @@ class SQLiteStore:
 
     async def requeue_dead_letter(self, process: str, event_id: str) -> EventRecord | None:
         """Move a dead letter back to the events, after every event kept now; None if unknown."""
-        out = _Out()
+        out = Out()
         await self._commit(self._submit(("requeue", (process, event_id, out))))
         record: EventRecord | None = out.value
         return record
 
     async def delete_dead_letter(self, process: str, event_id: str) -> bool:
         """Delete a dead letter; False if unknown."""
-        out = _Out()
+        out = Out()
         await self._commit(self._submit(("delete_dead", (process, event_id, out))))
         return bool(out.value)
 
@@ -402,142 +357,6 @@ class SQLiteStore:
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.location!r}, synchronous={self._synchronous!r})"
-
-    # -- writers, on the worker thread inside one transaction ------------------------------------------------------
-
-    def _write_add(self, con: sqlite3.Connection, rows: list[Any]) -> None:
-        con.executemany("INSERT INTO events (process, event_id, fields) VALUES (?, ?, ?)", rows)
-
-    def _write_add_keyed(self, con: sqlite3.Connection, ops: list[Any]) -> None:
-        now = self._clock()
-        for record, key, blob, out in ops:
-            row = con.execute(
-                "SELECT event_id, fingerprint FROM idempotency_keys WHERE process = ? AND key = ? AND expires_at > ?",
-                (record.process, key.key, now),
-            ).fetchone()
-            try:
-                out.value = key_owner(record.process, key, row, record.event_id)
-            except IdempotencyKeyConflictError as exc:
-                out.error = exc
-                continue
-            if row is None:
-                con.execute(
-                    "INSERT INTO events (process, event_id, fields) VALUES (?, ?, ?)",
-                    (record.process, record.event_id, blob),
-                )
-                con.execute(
-                    "INSERT OR REPLACE INTO idempotency_keys (process, key, event_id, fingerprint, expires_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (record.process, key.key, record.event_id, key.fingerprint, key.expires_at),
-                )
-
-    def _write_start(self, con: sqlite3.Connection, rows: list[Any]) -> None:
-        con.executemany("UPDATE events SET in_flight = 1, attempts = ? WHERE process = ? AND event_id = ?", rows)
-
-    def _write_finish(self, con: sqlite3.Connection, rows: list[Any]) -> None:
-        con.executemany("DELETE FROM events WHERE process = ? AND event_id = ?", rows)
-
-    def _write_release(self, con: sqlite3.Connection, rows: list[Any]) -> None:
-        con.executemany(
-            "UPDATE events SET in_flight = 0, attempts = ?, cut = ? WHERE process = ? AND event_id = ?", rows
-        )
-
-    def _write_failure(self, con: sqlite3.Connection, rows: list[Any]) -> None:
-        con.executemany(
-            "UPDATE events SET in_flight = 0, attempts = ?, errors = ?, crashes = 0, cut = 0 "
-            "WHERE process = ? AND event_id = ?",
-            rows,
-        )
-
-    def _write_dead(self, con: sqlite3.Connection, ops: list[Any]) -> None:
-        for letter, blob, max_dead_letters, out in ops:
-            self._bury(con, letter, blob)
-            out.value = self._trim_dead_letters(con, letter.process, max_dead_letters)
-
-    def _bury(self, con: sqlite3.Connection, letter: DeadLetter, blob: bytes) -> None:
-        con.execute("DELETE FROM events WHERE process = ? AND event_id = ?", (letter.process, letter.event_id))
-        con.execute("DELETE FROM dead_letters WHERE process = ? AND event_id = ?", (letter.process, letter.event_id))
-        con.execute(
-            "INSERT INTO dead_letters (process, event_id, fields, attempts, reason, error, dead_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (letter.process, letter.event_id, blob, letter.attempts, letter.reason, letter.error, letter.dead_at),
-        )
-
-    def _trim_dead_letters(self, con: sqlite3.Connection, process: str, keep: int) -> int:
-        count = con.execute("SELECT COUNT(*) FROM dead_letters WHERE process = ?", (process,)).fetchone()[0]
-        if count <= keep:
-            return 0
-        con.execute(
-            "DELETE FROM dead_letters WHERE seq IN "
-            "(SELECT seq FROM dead_letters WHERE process = ? ORDER BY seq LIMIT ?)",
-            (process, count - keep),
-        )
-        return int(count - keep)
-
-    def _write_requeue(self, con: sqlite3.Connection, ops: list[Any]) -> None:
-        for process, event_id, out in ops:
-            row = con.execute(
-                "SELECT fields, attempts FROM dead_letters WHERE process = ? AND event_id = ?", (process, event_id)
-            ).fetchone()
-            if row is None:
-                continue
-            con.execute("DELETE FROM dead_letters WHERE process = ? AND event_id = ?", (process, event_id))
-            con.execute(
-                "INSERT INTO events (process, event_id, fields, attempts) VALUES (?, ?, ?, ?)",
-                (process, event_id, row[0], row[1]),
-            )
-            out.value = EventRecord(process, event_id, orjson.loads(row[0]), attempts=row[1])
-
-    def _write_delete_dead(self, con: sqlite3.Connection, ops: list[Any]) -> None:
-        for process, event_id, out in ops:
-            cursor = con.execute("DELETE FROM dead_letters WHERE process = ? AND event_id = ?", (process, event_id))
-            out.value = cursor.rowcount > 0
-
-    def _write_recover(self, con: sqlite3.Connection, ops: list[Any]) -> None:
-        for process, poison_after, max_dead_letters, out in ops:
-            recovery = Recovery()
-            rows = con.execute(
-                "SELECT event_id, fields, attempts, errors, crashes, cut, in_flight FROM events "
-                "WHERE process = ? ORDER BY seq",
-                (process,),
-            ).fetchall()
-            for event_id, blob, attempts, errors, crashes, cut, in_flight in rows:
-                fields = orjson.loads(blob)
-                if not in_flight:
-                    recovery.pending.append(
-                        EventRecord(process, event_id, fields, attempts, errors, crashes, bool(cut))
-                    )
-                    continue
-                crashes += 1
-                if crashes >= poison_after:
-                    letter = DeadLetter(process, event_id, fields, attempts, "interrupted", None, self._clock())
-                    self._bury(con, letter, blob)
-                    recovery.dead.append(letter)
-                    continue
-                con.execute(
-                    "UPDATE events SET in_flight = 0, crashes = ?, cut = 1 WHERE process = ? AND event_id = ?",
-                    (crashes, process, event_id),
-                )
-                recovery.pending.append(EventRecord(process, event_id, fields, attempts, errors, crashes, True))
-            recovery.dropped = self._trim_dead_letters(con, process, max_dead_letters)
-            recovery.dead_letters = con.execute(
-                "SELECT COUNT(*) FROM dead_letters WHERE process = ?", (process,)
-            ).fetchone()[0]
-            out.value = recovery
-
-
-_WRITERS: dict[str, Callable[[SQLiteStore, sqlite3.Connection, list[Any]], None]] = {
-    "add": SQLiteStore._write_add,
-    "add_keyed": SQLiteStore._write_add_keyed,
-    "start": SQLiteStore._write_start,
-    "finish": SQLiteStore._write_finish,
-    "release": SQLiteStore._write_release,
-    "failure": SQLiteStore._write_failure,
-    "dead": SQLiteStore._write_dead,
-    "requeue": SQLiteStore._write_requeue,
-    "delete_dead": SQLiteStore._write_delete_dead,
-    "recover": SQLiteStore._write_recover,
-}
 
 
 def _encode(fields: dict[str, Any]) -> bytes:
