@@ -1,7 +1,8 @@
 """The benchmark runner: `python -m bench [--quick] [--only http,fanout,startup,registry]`, one table at the end.
 
-Runs each benchmark (HTTP load and event path, coordinator fan-out, transport start/stop, and any other
-`bench/bench_*.py` script as a subprocess), prints one table of figures next to their baselines and SPEC section
+Runs each benchmark (HTTP load and event path on the memory and the SQLite store, coordinator fan-out,
+transport start/stop, and any other `bench/bench_*.py` script as a subprocess, such as the kill -9 one in
+`bench_crash.py`), prints one table of figures next to their baselines and SPEC section
 10 targets, and writes the raw results to `bench/results/latest.json`. A part whose code is not built yet shows
 "n/a (not built yet)" instead of failing the run. Progress goes to stderr, the table to stdout.
 Durations: `--quick` for a short run; `BENCH_DURATION`, `BENCH_WARMUP`, `BENCH_CONNECTIONS`, `BENCH_ROUNDS`,
@@ -174,6 +175,7 @@ def _ok(part: dict[str, Any] | None) -> bool:
 
 
 _TARGETS = {"GET /health": 0.8, f"POST {EVENT_PATH}": 0.5}
+DURABLE_TARGET = 0.4  # SPEC 12: POST /event on the SQLite store, against the same ceiling
 
 
 def _http_rows(http: dict[str, Any]) -> list[list[str]]:
@@ -221,7 +223,36 @@ def _http_rows(http: dict[str, Any]) -> list[list[str]]:
                   if r and r["non_2xx"] and route != f"POST {EVENT_PATH}"]  # fmt: skip
         if errors:
             rows.append([f"{name} errors", "; ".join(errors), "", "", "", "none", "NO"])
-    return rows
+    return rows + _durable_rows(http)
+
+
+def _durable_rows(http: dict[str, Any]) -> list[list[str]]:
+    """POST /event on the SQLite store, beside the same ceiling (the memory store's row is above)."""
+    durable, ceiling = http.get("durable"), http.get("ceiling")
+    route = f"POST {EVENT_PATH}"
+    d = durable["routes"].get(route) if durable is not None and _ok(durable) else None
+    c = ceiling["routes"].get(route) if ceiling is not None and _ok(ceiling) else None
+    ratio = d.get("ratio_to_ceiling") if d else None
+    return [
+        [
+            "POST /event, SQLite store req/s",
+            _num(d["requests_per_second"]) if d else _na(durable),
+            _num(c["requests_per_second"]) if c else _na(ceiling),
+            "-",
+            f"{ratio:.2f}x" if ratio else "-",
+            f">= {DURABLE_TARGET}x ceiling",
+            _met(None if ratio is None else ratio >= DURABLE_TARGET),
+        ],
+        [
+            "POST /event, SQLite store p50 / p99 ms",
+            f"{d['p50_ms']:.2f} / {d['p99_ms']:.2f}" if d else _na(durable),
+            f"{c['p50_ms']:.2f} / {c['p99_ms']:.2f}" if c else _na(ceiling),
+            "-",
+            "-",
+            "-",
+            "-",
+        ],
+    ]
 
 
 def _event_rows(http: dict[str, Any]) -> list[list[str]]:
@@ -246,10 +277,16 @@ def _event_rows(http: dict[str, Any]) -> list[list[str]]:
 
     equal = None if not o else (o["handled"] >= o["accepted_202"] and o["drained"])
     none_lost = None if not o else o["lost"] == 0
+    durable = http.get("durable")
+    d = durable.get("event_path") if _ok(durable) else None  # type: ignore[union-attr]
+    d_equal = None if not d else (d["handled"] >= d["accepted_202"] and d["drained"])
     return [
         ["events 202 / handled", accepted(o, ours), "-", accepted(g, original), "-", "every 202 handled", _met(equal)],
         ["events refused 429", share(o, ours), "-", share(g, original), "-", "overload -> 429", "-"],
         ["events lost (202, then gone)", lost(o, ours), "-", lost(g, original), "-", "0", _met(none_lost)],
+        ["SQLite store: events 202 / handled", accepted(d, durable), "-", "-", "-", "every 202 handled", _met(d_equal)],
+        ["SQLite store: events refused 429", share(d, durable), "-", "-", "-", "overload -> 429", "-"],
+        ["SQLite store: events lost", lost(d, durable), "-", "-", "-", "0", _met(None if not d else d["lost"] == 0)],
     ]  # fmt: skip
 
 

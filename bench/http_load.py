@@ -1,7 +1,9 @@
 """HTTP load on the node API with wrk, and the event path end to end, for ours, the ceiling and the original.
 
-Each server runs in its own process pinned to CPU 0 (`taskset -c 0`); wrk runs pinned to CPU 1 with one thread.
-For every route (GET /health, GET /processes, GET /status, POST /processes/worker/event) it does a short warm-up
+Ours runs twice: on the memory store ("ours") and on a SQLite store ("durable", POST /event only, the route the
+store changes). Each server runs in its own process pinned to CPU 0 (`taskset -c 0`); wrk runs pinned to CPU 1
+with one thread. For every route (GET /health, GET /processes, GET /status, POST /processes/worker/event) it does
+a short warm-up
 with few connections, then the measured run, and reads requests/s, p50/p99 latency and status counts from a wrk
 Lua `done()` hook (machine-readable lines, no parsing of wrk's human output). The event route runs last on each
 server; afterwards the node's GET /status is polled until its queues drain (with a deadline) and the events the
@@ -401,6 +403,7 @@ class _Target:
     kind: str
     port: int
     pid: int
+    only_events: bool = False  # measured on POST /event alone
     runs: dict[str, list[RouteResult]] = field(default_factory=dict)
     statuses: dict[int, int] = field(default_factory=dict)
     event_path: dict[str, Any] | None = None
@@ -490,13 +493,14 @@ def run_http_benchmarks(
         rounds: How many times every route is measured on every server.
 
     Returns:
-        `{"ours": ..., "ceiling": ..., "original": ...}`, each `{"status": "ok", "routes", "event_path"}` or
+        `{"ours": ..., "durable": ..., "ceiling": ..., "original": ...}`, each `{"status": "ok", "routes",
+        "event_path"}` or
         `{"status": "n/a" or "error", "reason": ...}`, plus `"ceiling_bodies"` saying where the ceiling's GET
         bodies came from.
     """
     if shutil.which("wrk") is None:
         reason = "wrk is not installed"
-        return {k: {"status": "n/a", "reason": reason} for k in ("ours", "ceiling", "original")}
+        return {k: {"status": "n/a", "reason": reason} for k in ("ours", "durable", "ceiling", "original")}
     results: dict[str, Any] = {}
     targets: list[_Target] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
@@ -511,6 +515,16 @@ def run_http_benchmarks(
             results["ours"] = {"status": "n/a", "reason": f"not built yet ({exc})"}
         except RuntimeError as exc:
             results["ours"] = {"status": "error", "reason": str(exc)}
+        port = _free_port()
+        try:
+            store = Path(tmp) / "durable.sqlite3"
+            cmd = [main_python, "-m", "bench.apps.serve", "durable", "--port", str(port), "--store", str(store)]
+            proc = stack.enter_context(_server(cmd, port, settings.ready_timeout))
+            targets.append(_Target("durable", port, proc.pid, only_events=True))
+        except NotBuiltError as exc:
+            results["durable"] = {"status": "n/a", "reason": f"not built yet ({exc})"}
+        except RuntimeError as exc:
+            results["durable"] = {"status": "error", "reason": str(exc)}
         results["ceiling_bodies"] = "captured from ours" if bodies.exists() else "built-in (SPEC section 3 shapes)"
         port = _free_port()
         env = {"BENCH_BODIES": str(bodies)} if bodies.exists() else {}
@@ -535,6 +549,8 @@ def run_http_benchmarks(
             order = targets[round_index % len(targets) :] + targets[: round_index % len(targets)] if targets else []
             for method, path in routes:
                 for target in order:
+                    if target.only_events and method != "POST":
+                        continue
                     try:
                         # A server is warm after the first round; later rounds skip the warm-up.
                         _measure(target, method, path, settings, warm_up=round_index == 0)

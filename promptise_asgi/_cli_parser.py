@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--etcd", type=_endpoints, metavar="URLS", help="register in etcd at these endpoints, comma-separated"
     )
     node.add_argument(
+        "--store",
+        metavar="PATH|memory",
+        help="keep accepted events in this SQLite file, or 'memory' to keep them in memory only "
+        "($PROMPTISE_STORE, or [node] store; default ./promptise-data/<node-id>.sqlite3)",
+    )
+    node.add_argument(
         "--allow-unauthenticated", action="store_true", help="bind a non-loopback host without PROMPTISE_AUTH_TOKEN"
     )
 

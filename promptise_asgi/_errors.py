@@ -18,6 +18,8 @@ __all__ = [
     "DiscoveryUnavailableError",
     "EtcdError",
     "EtcdUnavailableError",
+    "EventStoreError",
+    "IdempotencyKeyConflictError",
     "MetadataTooLargeError",
     "NodeConflictError",
     "NodeError",
@@ -26,6 +28,7 @@ __all__ = [
     "NodeUnreachableError",
     "PromptiseASGIError",
     "QueueFullError",
+    "StoreLockedError",
     "answer_error_text",
 ]
 
@@ -48,6 +51,43 @@ class QueueFullError(PromptiseASGIError):
         self.process = process
         self.max_queue = max_queue
         self.retry_after = retry_after
+
+
+class EventStoreError(PromptiseASGIError):
+    """The event store could not do what was asked (open its file, commit a write); the message says why."""
+
+
+class StoreLockedError(EventStoreError):
+    """Another live runtime holds the store file: one writer per file.
+
+    Attributes:
+        path: the store file.
+    """
+
+    def __init__(self, path: str, holder: str = "") -> None:
+        super().__init__(
+            f"event store {path} is in use by another live runtime{f' ({holder})' if holder else ''}: "
+            "give each node (and each server worker) its own store file"
+        )
+        self.path = path
+
+
+class IdempotencyKeyConflictError(PromptiseASGIError):
+    """An idempotency key this process already accepted came again with a different event.
+
+    Attributes:
+        process: the process name.
+        key: the idempotency key.
+        event_id: the id of the event first accepted with that key.
+    """
+
+    def __init__(self, process: str, key: str, event_id: str) -> None:
+        super().__init__(
+            f"Idempotency-Key {key!r} was already used on process '{process}' with a different body (event {event_id})"
+        )
+        self.process = process
+        self.key = key
+        self.event_id = event_id
 
 
 class ConfigError(PromptiseASGIError, ValueError):

@@ -3,7 +3,8 @@
 It is a real module attribute (servers look it up in the module namespace), built from the environment
 when the server's lifespan starts: `PROMPTISE_CONFIG` or `./promptise.toml` or the built-in demo, plus
 `PROMPTISE_NODE_ID`, `PROMPTISE_AUTH_TOKEN`, `PROMPTISE_COORDINATOR_URL`, `PROMPTISE_ADVERTISE_URL`,
-`PROMPTISE_ALLOW_UNAUTHENTICATED` and `PROMPTISE_TRUSTED_HOSTS`. A bad config is reported as
+`PROMPTISE_ALLOW_UNAUTHENTICATED`, `PROMPTISE_TRUSTED_HOSTS` and `PROMPTISE_STORE` (by default the node keeps
+its events in `./promptise-data/<node_id>.sqlite3`). A bad config is reported as
 `lifespan.startup.failed`, so the server exits instead of serving a broken node. The app cannot see the
 address the server bound, so without a token it serves loopback peers only, whatever `--host` says.
 """
@@ -55,6 +56,8 @@ class NodeApp:
         settings = resolve_settings(overrides=self.overrides)
         registration = registration_for(settings)
         runtime = await settings.build_runtime()
+        # Outside the ready line too: a second worker on the same store fails before it, naming the file.
+        logger.info("node %s keeps accepted events in %s", settings.node_id, runtime.store.location)
         app = create_transport_app(
             runtime,
             settings.node_id,

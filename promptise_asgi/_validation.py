@@ -6,6 +6,7 @@ or httpx.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import math
@@ -23,8 +24,10 @@ __all__ = [
     "NODE_ID_PATTERN",
     "NodeAddressRules",
     "check_count",
+    "check_idempotency_key",
     "check_seconds",
     "clean_token",
+    "derive_idempotency_key",
     "exposed_without_token",
     "is_loopback_host",
     "metadata_size",
@@ -129,6 +132,25 @@ def check_count(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+_IDEMPOTENCY_KEY_RE = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+def check_idempotency_key(key: object) -> str:
+    """Return `key` if it is 1-255 characters in 0x20-0x7E (printable ASCII and space), else raise ValueError."""
+    if not isinstance(key, str) or not _IDEMPOTENCY_KEY_RE.fullmatch(key):
+        raise ValueError("Idempotency-Key must be 1-255 characters of printable ASCII (0x20-0x7E)")
+    return key
+
+
+def derive_idempotency_key(key: str, node_id: str) -> str:
+    """The key a broadcast sends to one node: the same for the same key and node, different per node.
+
+    A retried broadcast (same key) is recognised by every node, and one node never mistakes another node's
+    event for its own. 64 hex characters: a valid key whatever the inputs were.
+    """
+    return hashlib.sha256(f"{key}\0{node_id}".encode()).hexdigest()
 
 
 def metadata_size(metadata: Mapping[str, Any], limit: int) -> int:

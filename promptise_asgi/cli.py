@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -58,8 +59,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         # httpx logs every request at INFO, and the transport where a node serves, which each command prints
         # itself: noise on a command line.
-        for noisy in ("httpx", "promptise_asgi.transport"):
-            logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+        noisy = ["httpx", "promptise_asgi.transport"]
+        if command == "demo":  # the demo prints its cluster itself; its audit lines and temporary stores are noise
+            noisy += ["promptise_asgi.audit", "promptise_asgi.store"]
+        for name in noisy:
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger().level))
         # Synchronous work (reading the config, importing handlers) runs before the event loop, where Ctrl-C
         # interrupts it at once: a loop's signal handler would wait for a slow import to finish.
         prepare = _PREPARE.get(command)
@@ -213,6 +217,7 @@ def _prepare_node(args: argparse.Namespace) -> None:
             "coordinator_url": args.coordinator,
             "advertise_url": args.advertise_url,
             "etcd": args.etcd,
+            "store": args.store,
         },
     )
     args.allow_unauthenticated = args.allow_unauthenticated or settings.allow_unauthenticated
@@ -499,12 +504,15 @@ async def _run_demo(args: argparse.Namespace, stop: _Stop) -> int:
     nodes: list[tuple[RuntimeTransport, list[str]]] = []
     discoveries: list[CoordinatorDiscovery] = []
     # Entered outside the section a Ctrl-C cuts short: the coordinator holds a task group open until it exits.
+    # The demo's nodes keep their events in files that go when it ends.
     async with coordinator:
+        data = tempfile.mkdtemp(prefix="promptise-demo-")
         try:
             with stop.cuts_short():  # each start() cleans up after itself when cut short
                 await server.start()
                 for index in (1, 2):
                     settings = demo_settings()
+                    settings.store = os.path.join(data, f"demo-node-{index}.sqlite3")
                     discoveries.append(CoordinatorDiscovery(server.url))
                     node = RuntimeTransport(
                         await settings.build_runtime(),
@@ -546,6 +554,7 @@ async def _run_demo(args: argparse.Namespace, stop: _Stop) -> int:
                 await discovery.aclose()
             coordinator.change_hub.close()  # open change streams (a dashboard) must not hold the stop up
             await server.stop()
+            shutil.rmtree(data, ignore_errors=True)
     print("demo cluster stopped", flush=True)
     return 0
 

@@ -2,7 +2,7 @@
 
 Settings resolve as command-line flag, then environment (`PROMPTISE_NODE_ID`, `PROMPTISE_AUTH_TOKEN`,
 `PROMPTISE_COORDINATOR_URL`, `PROMPTISE_ADVERTISE_URL`, `PROMPTISE_ALLOW_UNAUTHENTICATED`,
-`PROMPTISE_TRUSTED_HOSTS`), then the file. Every problem is one `ConfigError`
+`PROMPTISE_TRUSTED_HOSTS`, `PROMPTISE_STORE`), then the file. Every problem is one `ConfigError`
 whose message names the file, the process and the field. Builds runtimes; knows nothing of HTTP servers.
 """
 
@@ -30,6 +30,7 @@ from ._validation import (
 )
 from .runtime import AgentRuntime, ProcessConfig, TriggerConfig, TriggerEvent
 from .runtime._models import resolve_handler
+from .store import EventStore, MemoryStore
 
 __all__ = ["ConfigError", "NodeSettings", "ProcessSpec", "demo_settings", "load_settings", "resolve_settings"]
 
@@ -51,8 +52,25 @@ _NODE_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_body_bytes": int,
     "allow_unauthenticated": bool,
     "trusted_hosts": (str, list),
+    "store": str,
 }
-_PROCESS_KEYS = {"name", "handler", "instructions", "model", "concurrency", "max_queue", "drain_timeout", "triggers"}
+_PROCESS_KEYS = {
+    "name",
+    "handler",
+    "instructions",
+    "model",
+    "concurrency",
+    "max_queue",
+    "drain_timeout",
+    "max_attempts",
+    "retry_backoff",
+    "poison_after",
+    "max_dead_letters",
+    "idempotency_ttl",
+    "triggers",
+}
+# Where a node keeps its events when no store is given: relative to the working directory.
+DEFAULT_STORE_DIR = "promptise-data"
 _TRIGGER_KEYS = {"type", "cron_expression", "interval_seconds"}
 
 
@@ -82,6 +100,8 @@ class NodeSettings:
         max_body_bytes: the largest event body accepted.
         allow_unauthenticated: with no token, serve any peer (the loopback-only guard is off).
         trusted_hosts: `Host`/`Origin` names accepted besides loopback when there is no token.
+        store: where accepted events are kept: a SQLite file, or `"memory"`; None means
+            `./promptise-data/<node_id>.sqlite3`.
         processes: the processes to run.
         source: where this came from ("demo" or the file path), for messages.
     """
@@ -99,12 +119,27 @@ class NodeSettings:
     max_body_bytes: int = 1024 * 1024
     allow_unauthenticated: bool = False
     trusted_hosts: list[str] = field(default_factory=list)
+    store: str | None = None
     processes: list[ProcessSpec] = field(default_factory=list)
     source: str = "demo"
 
+    def event_store(self) -> EventStore:
+        """The store `store` names: a `MemoryStore` for `"memory"`, else a `SQLiteStore` on the file (by
+        default `./promptise-data/<node_id>.sqlite3`; its directory is created when it opens)."""
+        if self.store == "memory":
+            return MemoryStore()
+        from .store import SQLiteStore
+
+        return SQLiteStore(self.store or Path(DEFAULT_STORE_DIR) / f"{self.node_id}.sqlite3")
+
     async def build_runtime(self) -> AgentRuntime:
-        """Return a new (not started) runtime holding the configured processes."""
-        runtime = AgentRuntime()
+        """Return a new (not started) runtime holding the configured processes, on `event_store()`.
+
+        Raises:
+            StoreLockedError: another live runtime uses the store file.
+            EventStoreError: the store file cannot be opened.
+        """
+        runtime = AgentRuntime(store=self.event_store())
         for spec in self.processes:
             await runtime.add_process(spec.name, spec.config)
         return runtime
@@ -179,12 +214,16 @@ def _apply_node(settings: NodeSettings, node: Mapping[str, Any]) -> None:
         settings.allow_unauthenticated = node["allow_unauthenticated"]
     if "trusted_hosts" in node:
         settings.trusted_hosts = _split_names(node["trusted_hosts"])
+    if "store" in node:
+        settings.store = node["store"]
     _check_common(settings)
 
 
 def _check_common(settings: NodeSettings) -> None:
     if settings.server not in (None, "uvicorn", "hypercorn"):
         raise ValueError(f"field 'server' must be 'uvicorn' or 'hypercorn', not {settings.server!r}")
+    if settings.store is not None and not settings.store.strip():
+        raise ValueError("field 'store' must be a file path or 'memory'")
     for key in ("coordinator_url", "advertise_url"):
         value = getattr(settings, key)
         if value is not None:
@@ -389,6 +428,7 @@ _ENVIRONMENT: dict[str, tuple[str, Any, str]] = {
     "coordinator_url": ("PROMPTISE_COORDINATOR_URL", normalize_address_url, "an http(s) URL or host:port"),
     "advertise_url": ("PROMPTISE_ADVERTISE_URL", normalize_address_url, "an http(s) URL or host:port"),
     "trusted_hosts": ("PROMPTISE_TRUSTED_HOSTS", _split_names, "comma-separated host names"),
+    "store": ("PROMPTISE_STORE", str.strip, "a file path or 'memory'"),
 }
 
 

@@ -1,11 +1,13 @@
-"""Helpers shared by the tests: free ports, waiting on a condition with a deadline, addresses to aim at, and
-the command line run in subprocesses as a user runs it."""
+"""Helpers shared by the tests: free ports, waiting on a condition with a deadline, addresses to aim at, event
+stores, and the command line run in subprocesses as a user runs it."""
 
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,6 +19,35 @@ from typing import Any, TypeVar
 
 import anyio
 import httpx
+
+from promptise_asgi.store import EventStore, MemoryStore, SQLiteStore
+
+
+def asgi_client(app: Any, base_url: str = "http://127.0.0.1", **kwargs: Any) -> httpx.AsyncClient:
+    """An httpx client that talks to `app` in process; app exceptions become 500 answers, as a server's do."""
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url=base_url, **kwargs)
+
+
+def make_store(kind: str, directory: Path) -> EventStore:
+    """A fresh event store: `"memory"`, or `"sqlite"` (a file in `directory`)."""
+    return MemoryStore() if kind == "memory" else SQLiteStore(directory / "events.sqlite3")
+
+
+def crash_copy(path: Path, to: Path) -> Path:
+    """What a `kill -9` of the runtime using the SQLite store `path` would leave right now: its committed state.
+
+    SQLite's backup API copies every committed transaction (the WAL's too) into a new file, which a new store
+    opens as if the runtime holding `path` had died.
+    """
+    source, target = sqlite3.connect(path), sqlite3.connect(to)
+    try:
+        source.backup(target)
+    finally:
+        source.close()
+        target.close()
+    return to
+
 
 T = TypeVar("T")
 
@@ -93,10 +124,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextmanager
-def serve(command: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[str]]:
+def serve(command: list[str], env: dict[str, str], cwd: Path = ROOT) -> Iterator[subprocess.Popen[str]]:
     """Run a server command in a subprocess (stdout and stderr merged), terminated when the block ends."""
     process = subprocess.Popen(
-        command, cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=cwd, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
         yield process
@@ -110,6 +141,26 @@ def serve(command: list[str], env: dict[str, str]) -> Iterator[subprocess.Popen[
                 process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def wait_for_line(process: subprocess.Popen[str], prefix: str, timeout: float = 30.0) -> str | None:
+    """The first line of `process`'s output that starts with `prefix`; None if the process exits first.
+
+    Raises:
+        AssertionError: neither happened within `timeout` seconds.
+    """
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select([process.stdout], [], [], remaining)
+        if readable:
+            line = process.stdout.readline()
+            if not line:  # end of output: the process is gone
+                process.wait(timeout=max(remaining, 1))
+                return None
+            if line.startswith(prefix):
+                return line.strip()
+    raise AssertionError(f"no line starting with {prefix!r} within {timeout}s")
 
 
 def wait_healthy(url: str, process: subprocess.Popen[str], timeout: float = 30.0) -> dict[str, Any]:
@@ -157,13 +208,18 @@ CLI_VARIABLES = (
     "PROMPTISE_ADVERTISE_URL",
     "PROMPTISE_ALLOW_UNAUTHENTICATED",
     "PROMPTISE_TRUSTED_HOSTS",
+    "PROMPTISE_STORE",
 )
 
 
 def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for a CLI subprocess: this one without any PROMPTISE_* variable, plus `env`."""
+    """The environment for a CLI subprocess: this one without any PROMPTISE_* variable, plus `env`.
+
+    Nodes keep their events in memory unless `env` says otherwise: the default SQLite file under the working
+    directory would carry one test's events into the next.
+    """
     clean = {key: value for key, value in os.environ.items() if key not in CLI_VARIABLES}
-    return {**clean, "COLUMNS": "100", **(env or {})}
+    return {**clean, "COLUMNS": "100", "PROMPTISE_STORE": "memory", **(env or {})}
 
 
 def run_cli(

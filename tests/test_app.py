@@ -162,3 +162,35 @@ async def test_registers_with_the_coordinator_from_the_environment(
         assert await registry.discover() == []  # unregistered at shutdown
     finally:
         await coordinator.stop()
+
+
+class TestStore:
+    """SPEC 12: the module app keeps its events in ./promptise-data/<node_id>.sqlite3 unless PROMPTISE_STORE says."""
+
+    async def test_default_store_file_and_a_second_app_on_it_fails_naming_it(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("PROMPTISE_STORE")
+        monkeypatch.delenv("PROMPTISE_CONFIG", raising=False)
+        caplog.set_level("INFO", logger="promptise_asgi")
+        store = tmp_path / "promptise-data" / "node-1.sqlite3"
+        async with lifespan(NodeApp()) as started:
+            assert started["type"] == "lifespan.startup.complete", started
+            assert store.is_file()
+            assert f"node node-1 keeps accepted events in {store}" in caplog.messages
+            # As `uvicorn --workers 2` would: a second app on the same file, while the first runs.
+            async with lifespan(NodeApp()) as second:
+                assert second["type"] == "lifespan.startup.failed"
+                assert str(store) in second["message"] and "in use by another live runtime" in second["message"]
+
+    async def test_memory_from_the_environment(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("PROMPTISE_STORE", "memory")
+        monkeypatch.delenv("PROMPTISE_CONFIG", raising=False)
+        app = NodeApp()
+        async with lifespan(app) as started:
+            assert started["type"] == "lifespan.startup.complete"
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1") as c:
+                assert (await c.get("/processes/echo/status")).json()["store"] == "memory"
+        assert not (tmp_path / "promptise-data").exists()

@@ -222,6 +222,22 @@ class TestNodeStream:
             async with SSE(client, "/changes", headers={"Last-Event-ID": "12"}) as stream:
                 assert (await stream.until(lambda m: len(m) >= 1))[0]["event"] == "snapshot"
 
+    async def test_an_event_given_up_on_is_announced_as_a_dead_letter(self) -> None:
+        async def failing(event: TriggerEvent) -> None:
+            raise RuntimeError("always")
+
+        runtime = AgentRuntime()
+        await runtime.add_process("fragile", ProcessConfig(handler=failing, max_attempts=2, retry_backoff=0.01))
+        async with RuntimeTransport(runtime, port=0) as transport, httpx.AsyncClient(base_url=transport.url) as client:
+            async with SSE(client, "/changes") as stream:
+                await stream.until(lambda m: len(m) >= 1)
+                event_id = (await client.post("/processes/fragile/event", json={})).json()["event_id"]
+                seen = await stream.until(lambda m: "process.dead_letter" in types_of(m))
+            status = (await client.get("/processes/fragile/status")).json()
+        dead = [m["data"] for m in seen if m.get("event") == "process.dead_letter"]
+        assert dead == [{"name": "fragile", "event_id": event_id, "reason": "error"}]
+        assert status["dead_letters"] == 1
+
     async def test_pings_keep_a_quiet_stream_open(self) -> None:
         async with node(ping_interval=0.1) as (_, transport), httpx.AsyncClient(base_url=transport.url) as client:
             async with SSE(client, "/changes") as stream:

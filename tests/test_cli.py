@@ -270,14 +270,12 @@ def test_a_handler_is_found_beside_its_config_and_a_missing_one_names_where_it_l
 def test_a_black_holed_coordinator_never_delays_the_nodes_start() -> None:
     port = free_port()
     with black_hole() as coordinator:
-        launched = time.monotonic()
         with cli_process("node", "--config", str(EXAMPLE), "--port", str(port), "--coordinator", coordinator) as node:
             node.wait_http(f"http://127.0.0.1:{port}/health")
-            answered = time.monotonic() - launched
             status = httpx.get(f"http://127.0.0.1:{port}/status").json()
             output = node.interrupt()
-    # Python and the package load in about half a second; the first registration used to hold the start 5 s.
-    assert answered < 1.0, f"/health answered {answered:.2f}s after launch"
+    # The node serves while its first registration is still waiting on the black hole (it used to hold the
+    # start until that attempt timed out): no error yet, still registering.
     assert status["registration"] == {
         "coordinator": coordinator,
         "url": f"http://127.0.0.1:{port}",
@@ -453,7 +451,8 @@ def test_demo_prints_where_everything_is_and_what_to_try() -> None:
             assert re.search(
                 rf"^  demo-node-{index}  http://127\.0\.0\.1:\d+  processes: heartbeat, echo$", output, re.M
             )
-        assert f" status --coordinator {url}\n" in output
+        assert f" status --watch --coordinator {url}\n" in output
+        assert "promptise_asgi.audit" not in output and "promptise_asgi.store" not in output
         curl = re.search(r"^  (curl -s -X POST (\S+) .*)$", output, re.M)
         assert curl is not None and curl.group(2) == f"{url}/cluster/nodes/demo-node-1/processes/echo/event"
         # The suggested injection works, and the echo process logs its payload.
@@ -606,3 +605,38 @@ def test_status_watch_redraws_the_table_on_each_change_and_stops_cleanly() -> No
     assert watch.process.returncode == 0, output
     assert "Traceback" not in output and output.rstrip().endswith("stopped watching")
     assert re.search(r"^watched +http://127\.0\.0\.1:\d+ +healthy +2$", output, re.M), output
+
+
+class TestStore:
+    """SPEC 12: `node` keeps its events in ./promptise-data/<node-id>.sqlite3, or where --store says."""
+
+    def test_the_default_file_and_one_live_node_per_file(self, tmp_path: Path) -> None:
+        config = tmp_path / "node.toml"
+        config.write_text('[node]\nid = "keeper"\n[[processes]]\nname = "worker"\n')
+        port = free_port()
+        env = {"PROMPTISE_STORE": ""}  # unset: the default
+        with cli_process("node", "--config", str(config), "--port", str(port), env=env, cwd=tmp_path) as first:
+            first.wait_http(f"http://127.0.0.1:{port}/health")
+            store = tmp_path / "promptise-data" / "keeper.sqlite3"
+            assert store.is_file()
+            second = run_cli("node", "--config", str(config), "--port", str(free_port()), env=env, cwd=tmp_path)
+            assert second.returncode == 1
+            assert_one_line(second.stderr, str(store), "in use by another live runtime", f"pid {first.process.pid}")
+            output = first.interrupt()
+        assert f"event store: SQLite file {store}" in output
+
+    def test_the_store_flag_and_the_environment(self, tmp_path: Path) -> None:
+        port = free_port()
+        path = tmp_path / "elsewhere" / "events.sqlite3"
+        command = ("node", "--config", str(EXAMPLE), "--port")
+        with cli_process(*command, str(port), "--store", str(path)) as node:
+            status = node.wait_http(f"http://127.0.0.1:{port}/processes/echo/status").json()
+            assert status["store"] == "sqlite" and path.is_file()
+        port = free_port()
+        with cli_process(*command, str(port), "--store", "memory", env={"PROMPTISE_STORE": str(path)}) as node:
+            status = node.wait_http(f"http://127.0.0.1:{port}/processes/echo/status").json()
+            assert status["store"] == "memory"
+        port = free_port()
+        with cli_process(*command, str(port), env={"PROMPTISE_STORE": str(path)}) as node:
+            status = node.wait_http(f"http://127.0.0.1:{port}/processes/echo/status").json()
+            assert status["store"] == "sqlite"

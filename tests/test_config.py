@@ -29,7 +29,8 @@ def test_example_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.processes[1].config.triggers[0].interval_seconds == 30.0
 
 
-async def test_settings_build_a_runtime(tmp_path: Path) -> None:
+async def test_settings_build_a_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # its events go to ./promptise-data/n2.sqlite3, the default store
     path = write(
         tmp_path,
         """
@@ -45,6 +46,7 @@ name = "b"
     runtime = await load_settings(path).build_runtime()
     assert list(runtime.processes) == ["a", "b"]
     assert runtime.get_process("a").status()["max_queue"] == 7
+    await runtime.aclose()
 
 
 @pytest.mark.parametrize(
@@ -272,3 +274,45 @@ def test_read_token_from_the_environment_or_the_file_needs_an_auth_token(tmp_pat
     assert resolve_settings(write(tmp_path, "[node]\n"), environ=env).read_token == "viewer"
     with pytest.raises(ConfigError, match="'read_token' needs 'auth_token'"):
         resolve_settings(write(tmp_path, "[node]\nread_token = 'look'\n"), environ={})
+
+
+class TestStoreSetting:
+    """SPEC 12: `[node] store`, `PROMPTISE_STORE` and `--store`: a SQLite file by default, or memory."""
+
+    async def test_the_default_is_a_sqlite_file_named_for_the_node_in_the_working_directory(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.chdir(tmp_path)
+        settings = resolve_settings(write(tmp_path, "[node]\nid = 'n7'\n[[processes]]\nname = 'a'\n"), environ={})
+        assert settings.store is None
+        runtime = await settings.build_runtime()
+        assert runtime.store.kind == "sqlite"
+        assert runtime.store.location == str(tmp_path / "promptise-data" / "n7.sqlite3")
+        assert (tmp_path / "promptise-data" / "n7.sqlite3").is_file()
+        await runtime.aclose()
+
+    async def test_file_environment_and_flag(self, tmp_path: Path) -> None:
+        path = write(tmp_path, f"[node]\nstore = '{tmp_path / 'file.sqlite3'}'\n")
+        assert load_settings(path).store == str(tmp_path / "file.sqlite3")
+        assert resolve_settings(path, environ={"PROMPTISE_STORE": "memory"}).store == "memory"
+        flagged = resolve_settings(path, environ={"PROMPTISE_STORE": "memory"}, overrides={"store": "x.sqlite3"})
+        assert flagged.store == "x.sqlite3"
+        memory = await resolve_settings(path, environ={"PROMPTISE_STORE": "memory"}).build_runtime()
+        assert memory.store.kind == "memory"
+        assert load_settings(path).event_store().location == str(tmp_path / "file.sqlite3")
+
+    @pytest.mark.parametrize("value", ["''", "'  '", "3"])
+    def test_a_bad_store_names_the_field(self, tmp_path: Path, value: str) -> None:
+        with pytest.raises(ConfigError, match="'store'"):
+            load_settings(write(tmp_path, f"[node]\nstore = {value}\n"))
+
+    def test_process_keys_for_retries_dead_letters_and_keys(self, tmp_path: Path) -> None:
+        text = (
+            "[[processes]]\nname = 'a'\nmax_attempts = 4\nretry_backoff = 0.1\npoison_after = 2\n"
+            "max_dead_letters = 50\nidempotency_ttl = 60.0\n"
+        )
+        config = load_settings(write(tmp_path, text)).processes[0].config
+        assert (config.max_attempts, config.retry_backoff, config.poison_after) == (4, 0.1, 2)
+        assert (config.max_dead_letters, config.idempotency_ttl) == (50, 60.0)
+        with pytest.raises(ConfigError, match="'max_attempts'"):
+            load_settings(write(tmp_path, "[[processes]]\nname = 'a'\nmax_attempts = 0\n"))

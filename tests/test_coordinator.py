@@ -12,6 +12,7 @@ import httpx
 import pytest
 from support import black_hole, dead_url, wait_for
 
+from promptise_asgi._validation import derive_idempotency_key
 from promptise_asgi.client import NodeError, NodeTimeoutError, NodeUnreachableError
 from promptise_asgi.coordinator import NodeInfo, RuntimeCoordinator, create_coordinator_app
 from promptise_asgi.discovery import CoordinatorDiscovery, RegistryDiscovery, StaticDiscovery
@@ -449,3 +450,46 @@ class TestSelfRegistration:
 
 async def test_timeout_error_is_also_unreachable() -> None:
     assert issubclass(NodeTimeoutError, NodeUnreachableError)
+
+
+class TestIdempotencyKeys:
+    """SPEC 12: the coordinator passes a key through, and gives each node its own key on broadcast."""
+
+    async def test_a_key_passes_through_and_a_broadcast_derives_one_per_node(self) -> None:
+        coordinator = RuntimeCoordinator()
+        async with node("a") as (a, a_events), node("b") as (b, b_events):
+            coordinator.register_node("a", a.url)
+            coordinator.register_node("b", b.url)
+            first = await coordinator.inject_event_on_node("a", "worker", {"n": 1}, idempotency_key="once")
+            again = await coordinator.inject_event_on_node("a", "worker", {"n": 1}, idempotency_key="once")
+            assert again == first
+            sent = await coordinator.broadcast_event("worker", {"n": 2}, idempotency_key="wave-1")
+            resent = await coordinator.broadcast_event("worker", {"n": 2}, idempotency_key="wave-1")
+            assert resent == sent and sent["a"]["event_id"] != sent["b"]["event_id"]
+            # "a" already used "once" for another body: the derived key of "wave-1" for "a" is not "once".
+            await wait_for(lambda: len(a_events) == 2 and len(b_events) == 1)
+            assert derive_idempotency_key("wave-1", "a") != derive_idempotency_key("wave-1", "b")
+        await coordinator.aclose()
+
+    async def test_the_routes_read_the_header(self) -> None:
+        coordinator = RuntimeCoordinator()
+        async with node("a") as (a, events), app_client(create_coordinator_app(coordinator)) as client:
+            coordinator.register_node("a", a.url)
+            headers = {"Idempotency-Key": "k1"}
+            one = await client.post("/cluster/nodes/a/processes/worker/event", json={}, headers=headers)
+            two = await client.post("/cluster/nodes/a/processes/worker/event", json={}, headers=headers)
+            assert one.status_code == two.status_code == 202 and one.json() == two.json()
+            clash = await client.post(
+                "/cluster/nodes/a/processes/worker/event", json={"payload": {"x": 1}}, headers=headers
+            )
+            assert clash.status_code == 422
+            wave = [
+                (await client.post("/cluster/processes/worker/event", json={}, headers=headers)).json() for _ in "12"
+            ]
+            assert wave[0] == wave[1]
+            bad = await client.post(
+                "/cluster/processes/worker/event", json={}, headers=[(b"idempotency-key", "é".encode())]
+            )
+            assert bad.status_code == 400 and "Idempotency-Key" in bad.json()["error"]
+            await wait_for(lambda: len(events) == 2)
+        await coordinator.aclose()

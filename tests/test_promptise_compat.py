@@ -326,6 +326,17 @@ class TestOverRealPromptise:
         assert response.status_code == 200
         assert response.json() == {"status": "healthy", "node_id": "node-1", "process_count": 3}
 
+    async def test_no_event_store_means_501_rather_than_a_promise(self, client: httpx.AsyncClient) -> None:
+        # promptise owns its queue: no durable events, dead-letter routes or idempotency keys over it (SPEC 12).
+        for response in (
+            await client.get("/processes/worker/dead-letters"),
+            await client.post("/processes/worker/dead-letters/x/retry"),
+            await client.delete("/processes/worker/dead-letters/x"),
+            await client.post("/processes/worker/event", json={}, headers={"Idempotency-Key": "k"}),
+        ):
+            assert response.status_code == 501 and "event store" in response.json()["error"]
+        assert (await client.get("/processes/nope/dead-letters")).status_code == 404
+
     async def test_status_is_the_runtime_status_plus_node_id(self, client: httpx.AsyncClient, runtime: Any) -> None:
         response = await client.get("/status")
         assert response.status_code == 200

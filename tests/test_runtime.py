@@ -10,13 +10,14 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import handlers_for_tests
 import pytest
-from support import WAIT, wait_for
+from support import WAIT, make_store, wait_for
 
 from promptise_asgi import _errors, runtime
 from promptise_asgi.runtime import (
@@ -28,6 +29,7 @@ from promptise_asgi.runtime import (
     TriggerConfig,
     TriggerEvent,
 )
+from promptise_asgi.store import EventStore
 from promptise_asgi.transport._shape import ProcessLike, RuntimeLike
 
 
@@ -75,8 +77,8 @@ def test_public_names_and_protocols() -> None:
     assert [s.value for s in ProcessState] == ["created", "starting", "running", "stopping", "stopped", "failed"]
 
 
-async def test_runtime_and_process_satisfy_the_transport_protocols() -> None:
-    rt = AgentRuntime()
+async def test_runtime_and_process_satisfy_the_transport_protocols(event_store: EventStore) -> None:
+    rt = AgentRuntime(store=event_store)
     process = await rt.add_process("p")
     assert isinstance(rt, RuntimeLike)
     assert isinstance(process, ProcessLike)
@@ -178,15 +180,15 @@ def test_process_config_rejects_bad_trigger_items() -> None:
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "/", 3, None])
-async def test_bad_names_are_refused(name: Any) -> None:
-    rt = AgentRuntime()
+async def test_bad_names_are_refused(name: Any, event_store: EventStore) -> None:
+    rt = AgentRuntime(store=event_store)
     with pytest.raises(ValueError, match="name"):
         await rt.add_process(name)
     assert rt.status() == {"process_count": 0, "processes": {}}
 
 
-async def test_duplicate_and_unknown_names() -> None:
-    rt = AgentRuntime()
+async def test_duplicate_and_unknown_names(event_store: EventStore) -> None:
+    rt = AgentRuntime(store=event_store)
     first = await rt.add_process("watcher")
     with pytest.raises(ValueError, match="'watcher' already exists"):
         await rt.add_process("watcher")
@@ -199,8 +201,8 @@ async def test_duplicate_and_unknown_names() -> None:
             await op("nope")
 
 
-async def test_processes_is_a_read_only_view_in_insertion_order() -> None:
-    rt = AgentRuntime()
+async def test_processes_is_a_read_only_view_in_insertion_order(event_store: EventStore) -> None:
+    rt = AgentRuntime(store=event_store)
     for name in ("zeta", "alpha", "with space", "naïve"):
         await rt.add_process(name)
     assert list(rt.processes) == ["zeta", "alpha", "with space", "naïve"]
@@ -214,8 +216,8 @@ async def test_processes_is_a_read_only_view_in_insertion_order() -> None:
 # -- events and handlers -------------------------------------------------------------------------------------
 
 
-async def test_process_without_handler_records_events() -> None:
-    async with AgentRuntime() as rt:
+async def test_process_without_handler_records_events(event_store: EventStore) -> None:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("recorder")
         await rt.start_process("recorder")
         events = [ev(payload={"i": i}) for i in range(3)]
@@ -229,7 +231,7 @@ async def test_process_without_handler_records_events() -> None:
 
 
 async def test_raising_handler_is_counted_and_the_process_keeps_running(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, event_store: EventStore
 ) -> None:
     handled: list[str] = []
 
@@ -238,7 +240,7 @@ async def test_raising_handler_is_counted_and_the_process_keeps_running(
             raise RuntimeError("boom")
         handled.append(event.event_id)
 
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=handler))
         await process.start()
         with caplog.at_level(logging.ERROR, logger="promptise_asgi.runtime"):
@@ -253,17 +255,17 @@ async def test_raising_handler_is_counted_and_the_process_keeps_running(
         assert any("handler failed" in r.getMessage() and r.exc_info for r in caplog.records)
 
 
-async def test_inject_refuses_anything_but_a_trigger_event() -> None:
-    rt = AgentRuntime()
+async def test_inject_refuses_anything_but_a_trigger_event(event_store: EventStore) -> None:
+    rt = AgentRuntime(store=event_store)
     process = await rt.add_process("p")
     with pytest.raises(TypeError, match="TriggerEvent"):
         await process.inject({"trigger_id": "x"})  # type: ignore[arg-type]
     assert process.status()["events_received"] == 0
 
 
-async def test_full_queue_refuses_with_queue_full_error_and_loses_nothing() -> None:
+async def test_full_queue_refuses_with_queue_full_error_and_loses_nothing(event_store: EventStore) -> None:
     recorder = Recorder()
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=recorder, max_queue=2))
         accepted = [ev(), ev()]
         for event in accepted:
@@ -291,10 +293,10 @@ async def test_full_queue_refuses_with_queue_full_error_and_loses_nothing() -> N
         assert status["events_refused"] == 2
 
 
-async def test_concurrency_runs_that_many_handlers_at_once() -> None:
+async def test_concurrency_runs_that_many_handlers_at_once(event_store: EventStore) -> None:
     recorder = Recorder()
     recorder.gate = anyio.Event()
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=recorder, concurrency=3))
         await process.start()
         for _ in range(5):
@@ -309,8 +311,8 @@ async def test_concurrency_runs_that_many_handlers_at_once() -> None:
 # -- lifecycle -----------------------------------------------------------------------------------------------
 
 
-async def test_start_and_stop_are_idempotent_and_report_change() -> None:
-    async with AgentRuntime() as rt:
+async def test_start_and_stop_are_idempotent_and_report_change(event_store: EventStore) -> None:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p")
         assert process.state is ProcessState.CREATED
         assert await rt.stop_process("p") is False
@@ -325,10 +327,10 @@ async def test_start_and_stop_are_idempotent_and_report_change() -> None:
         assert process.process_id == process_id
 
 
-async def test_stop_lets_the_running_handler_finish_and_drains_the_queue() -> None:
+async def test_stop_lets_the_running_handler_finish_and_drains_the_queue(event_store: EventStore) -> None:
     recorder = Recorder()
     recorder.gate = anyio.Event()
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=recorder, drain_timeout=WAIT))
         await process.start()
         events = [ev() for _ in range(3)]
@@ -353,11 +355,11 @@ async def test_stop_lets_the_running_handler_finish_and_drains_the_queue() -> No
 
 
 async def test_drain_timeout_requeues_the_interrupted_event_at_the_front(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, event_store: EventStore
 ) -> None:
     recorder = Recorder()
     recorder.gate = anyio.Event()
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=recorder, drain_timeout=0.05))
         await process.start()
         first, second = ev(), ev()
@@ -372,7 +374,8 @@ async def test_drain_timeout_requeues_the_interrupted_event_at_the_front(
         assert status["events_requeued"] == 1 and status["events_handled"] == 0
         [line] = [r.getMessage() for r in caplog.records if "stopped with" in r.getMessage()]
         assert "2 event(s) left" in line and "1 cut off while being handled, put back first" in line
-        assert "loses them if the runtime exits" in line
+        kept = "loses them if the runtime exits" if event_store.kind == "memory" else "stay queued in the event store"
+        assert kept in line
 
         recorder.gate = None
         await process.start()
@@ -380,10 +383,10 @@ async def test_drain_timeout_requeues_the_interrupted_event_at_the_front(
         assert recorder.seen == [first.event_id, second.event_id]
 
 
-async def test_zero_drain_timeout_stops_at_once_keeping_events_queued() -> None:
+async def test_zero_drain_timeout_stops_at_once_keeping_events_queued(event_store: EventStore) -> None:
     recorder = Recorder()
     recorder.gate = anyio.Event()
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=recorder, drain_timeout=0, concurrency=2))
         await process.start()
         events = [ev() for _ in range(4)]
@@ -400,9 +403,9 @@ async def test_zero_drain_timeout_stops_at_once_keeping_events_queued() -> None:
         assert sorted(recorder.seen) == sorted(e.event_id for e in events)
 
 
-async def test_events_injected_before_start_or_while_stopped_are_handled_after_start() -> None:
+async def test_events_injected_before_start_or_while_stopped_are_handled_after_start(event_store: EventStore) -> None:
     recorder = Recorder()
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=recorder))
         early = ev()
         await process.inject(early)
@@ -420,10 +423,10 @@ async def test_events_injected_before_start_or_while_stopped_are_handled_after_s
         assert recorder.seen[1:] == [e.event_id for e in late]
 
 
-async def test_restart_keeps_queued_events_and_counts() -> None:
+async def test_restart_keeps_queued_events_and_counts(event_store: EventStore) -> None:
     recorder = Recorder()
     recorder.gate = anyio.Event()
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=recorder, drain_timeout=0))
         # Restart of a never-started process starts it.
         await rt.restart_process("p")
@@ -440,7 +443,7 @@ async def test_restart_keeps_queued_events_and_counts() -> None:
         assert process.state is ProcessState.RUNNING
 
 
-async def test_concurrent_lifecycle_operations_leave_a_consistent_state() -> None:
+async def test_concurrent_lifecycle_operations_leave_a_consistent_state(event_store: EventStore) -> None:
     handled: list[str] = []
 
     async def handler(event: TriggerEvent) -> None:
@@ -448,7 +451,7 @@ async def test_concurrent_lifecycle_operations_leave_a_consistent_state() -> Non
         handled.append(event.event_id)
 
     rng = random.Random(1234)
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=handler, concurrency=2, drain_timeout=WAIT))
         injected: list[str] = []
 
@@ -479,10 +482,10 @@ async def test_concurrent_lifecycle_operations_leave_a_consistent_state() -> Non
         assert (status["state"], status["in_flight"], status["queue_size"]) == ("stopped", 0, 0)
 
 
-async def test_stop_cancelled_mid_drain_still_stops_and_keeps_the_event() -> None:
+async def test_stop_cancelled_mid_drain_still_stops_and_keeps_the_event(event_store: EventStore) -> None:
     recorder = Recorder()
     recorder.gate = anyio.Event()
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=recorder, drain_timeout=WAIT))
         await process.start()
         event = ev()
@@ -497,9 +500,9 @@ async def test_stop_cancelled_mid_drain_still_stops_and_keeps_the_event() -> Non
         assert recorder.cancelled == [event.event_id]
 
 
-async def test_remove_process_stops_it_first() -> None:
+async def test_remove_process_stops_it_first(event_store: EventStore) -> None:
     recorder = Recorder()
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=recorder))
         await process.start()
         await process.inject(ev())
@@ -520,9 +523,9 @@ async def test_remove_process_stops_it_first() -> None:
 # -- handlers named by string ----------------------------------------------------------------------------------
 
 
-async def test_handler_by_module_function_string() -> None:
+async def test_handler_by_module_function_string(event_store: EventStore) -> None:
     handlers_for_tests.seen.clear()
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         for name, handler in (("a", "handlers_for_tests:record"), ("b", "handlers_for_tests:Namespace.handler")):
             process = await rt.add_process(name, ProcessConfig(handler=handler))
             await process.start()
@@ -543,8 +546,10 @@ async def test_handler_by_module_function_string() -> None:
         "handlers_for_tests:sync_handler",
     ],
 )
-async def test_bad_handler_string_fails_start_and_leaves_the_process_failed(handler: str) -> None:
-    async with AgentRuntime() as rt:
+async def test_bad_handler_string_fails_start_and_leaves_the_process_failed(
+    handler: str, event_store: EventStore
+) -> None:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=handler))
         await process.inject(ev())
         with pytest.raises(ValueError, match=repr(handler).replace("(", r"\(")):
@@ -559,8 +564,8 @@ async def test_bad_handler_string_fails_start_and_leaves_the_process_failed(hand
         await wait_for(lambda: process.status()["events_handled"] == 1)
 
 
-async def test_start_all_starts_every_good_process_then_raises_the_first_error() -> None:
-    async with AgentRuntime() as rt:
+async def test_start_all_starts_every_good_process_then_raises_the_first_error(event_store: EventStore) -> None:
+    async with AgentRuntime(store=event_store) as rt:
         await rt.add_process("bad", ProcessConfig(handler="no_colon"))
         good = await rt.add_process("good")
         with pytest.raises(ValueError, match="no_colon"):
@@ -572,10 +577,10 @@ async def test_start_all_starts_every_good_process_then_raises_the_first_error()
 # -- triggers ------------------------------------------------------------------------------------------------
 
 
-async def test_interval_trigger_fires_only_while_running() -> None:
+async def test_interval_trigger_fires_only_while_running(event_store: EventStore) -> None:
     recorder = Recorder()
     trigger = TriggerConfig(type="interval", interval_seconds=0.01)
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("ticker", ProcessConfig(handler=recorder, triggers=[trigger]))
         await anyio.sleep(0.1)  # checking an absence: ten periods pass with nothing queued
         assert process.status()["events_received"] == 0
@@ -592,7 +597,7 @@ async def test_interval_trigger_fires_only_while_running() -> None:
         assert process.status()["triggers"][0]["next_fire_at"] is None
 
 
-async def test_interval_trigger_event_shape() -> None:
+async def test_interval_trigger_event_shape(event_store: EventStore) -> None:
     got: list[TriggerEvent] = []
     done = anyio.Event()
 
@@ -601,7 +606,7 @@ async def test_interval_trigger_event_shape() -> None:
         done.set()
 
     triggers = [TriggerConfig(type="event"), TriggerConfig(type="interval", interval_seconds=0.01)]
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         await rt.add_process("p", ProcessConfig(handler=handler, triggers=triggers))
         await rt.start_all()
         with anyio.fail_after(WAIT):
@@ -610,11 +615,13 @@ async def test_interval_trigger_event_shape() -> None:
     assert (event.trigger_id, event.trigger_type, event.payload) == ("p:interval:1", "interval", {})
 
 
-async def test_trigger_refuses_and_counts_events_when_the_queue_is_full(caplog: pytest.LogCaptureFixture) -> None:
+async def test_trigger_refuses_and_counts_events_when_the_queue_is_full(
+    caplog: pytest.LogCaptureFixture, event_store: EventStore
+) -> None:
     recorder = Recorder()
     recorder.gate = anyio.Event()
     trigger = TriggerConfig(type="interval", interval_seconds=0.005)
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=recorder, triggers=[trigger], max_queue=1))
         with caplog.at_level(logging.WARNING, logger="promptise_asgi.runtime"):
             await process.start()
@@ -630,7 +637,7 @@ def _clock_at(moment: datetime) -> tuple[Callable[[], float], list[float]]:
     return (lambda: time.time() + offset[0]), offset
 
 
-async def test_cron_trigger_fires_on_schedule_from_the_wall_clock() -> None:
+async def test_cron_trigger_fires_on_schedule_from_the_wall_clock(event_store: EventStore) -> None:
     got: list[TriggerEvent] = []
     done = anyio.Event()
 
@@ -640,7 +647,7 @@ async def test_cron_trigger_fires_on_schedule_from_the_wall_clock() -> None:
 
     clock, _ = _clock_at(datetime(2026, 1, 1, 12, 4, 59, 900000, tzinfo=UTC))
     trigger = TriggerConfig(type="cron", cron_expression="*/5 * * * *")
-    async with AgentRuntime(clock=clock) as rt:
+    async with AgentRuntime(clock=clock, store=event_store) as rt:
         process = await rt.add_process("cronjob", ProcessConfig(handler=handler, triggers=[trigger]))
         await process.start()
         with anyio.fail_after(WAIT):
@@ -652,8 +659,8 @@ async def test_cron_trigger_fires_on_schedule_from_the_wall_clock() -> None:
         assert len(got) == 1
 
 
-async def test_cron_trigger_follows_a_wall_clock_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime._process, "CRON_MAX_SLEEP", 0.01)
+async def test_cron_trigger_follows_a_wall_clock_step(monkeypatch: pytest.MonkeyPatch, event_store: EventStore) -> None:
+    monkeypatch.setattr(runtime._triggers, "CRON_MAX_SLEEP", 0.01)
     done = anyio.Event()
 
     async def handler(event: TriggerEvent) -> None:
@@ -661,7 +668,7 @@ async def test_cron_trigger_follows_a_wall_clock_step(monkeypatch: pytest.Monkey
 
     clock, offset = _clock_at(datetime(2026, 1, 1, 12, 0, 30, tzinfo=UTC))
     trigger = TriggerConfig(type="cron", cron_expression="*/5 * * * *")
-    async with AgentRuntime(clock=clock) as rt:
+    async with AgentRuntime(clock=clock, store=event_store) as rt:
         process = await rt.add_process("cronjob", ProcessConfig(handler=handler, triggers=[trigger]))
         await process.start()
         await wait_for(lambda: process.status()["triggers"][0]["next_fire_at"] is not None)
@@ -676,9 +683,9 @@ async def test_cron_trigger_follows_a_wall_clock_step(monkeypatch: pytest.Monkey
 # -- runtime styles ------------------------------------------------------------------------------------------
 
 
-async def test_structured_style_stops_everything_on_exit() -> None:
+async def test_structured_style_stops_everything_on_exit(event_store: EventStore) -> None:
     recorder = Recorder()
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("p", ProcessConfig(handler=recorder))
         await rt.start_all()
         for _ in range(3):
@@ -690,18 +697,18 @@ async def test_structured_style_stops_everything_on_exit() -> None:
             pass
 
 
-async def test_structured_style_propagates_the_body_error_after_stopping() -> None:
+async def test_structured_style_propagates_the_body_error_after_stopping(event_store: EventStore) -> None:
     with pytest.raises(LookupError):
-        async with AgentRuntime() as rt:
+        async with AgentRuntime(store=event_store) as rt:
             process = await rt.add_process("p")
             await rt.start_all()
             raise LookupError("from the body")
     assert process.state is ProcessState.STOPPED
 
 
-async def test_imperative_style_and_aclose() -> None:
+async def test_imperative_style_and_aclose(event_store: EventStore) -> None:
     recorder = Recorder()
-    rt = AgentRuntime()
+    rt = AgentRuntime(store=event_store)
     process = await rt.add_process("p", ProcessConfig(handler=recorder))
     await rt.start_all()
     await process.inject(ev())
@@ -716,8 +723,8 @@ async def test_imperative_style_and_aclose() -> None:
     await rt.aclose()  # closing twice is harmless
 
 
-async def test_imperative_style_starts_processes_concurrently() -> None:
-    rt = AgentRuntime()
+async def test_imperative_style_starts_processes_concurrently(event_store: EventStore) -> None:
+    rt = AgentRuntime(store=event_store)
     names = [f"p{i}" for i in range(5)]
     for name in names:
         await rt.add_process(name)
@@ -733,12 +740,12 @@ class Fatal(BaseException):
     """Not an Exception: like KeyboardInterrupt, a handler raising it must not be swallowed."""
 
 
-async def test_handler_base_exception_is_not_swallowed() -> None:
+async def test_handler_base_exception_is_not_swallowed(event_store: EventStore) -> None:
     async def handler(event: TriggerEvent) -> None:
         raise Fatal
 
     with pytest.raises(BaseExceptionGroup) as info:
-        async with AgentRuntime() as rt:
+        async with AgentRuntime(store=event_store) as rt:
             process = await rt.add_process("p", ProcessConfig(handler=handler))
             await process.start()
             await process.inject(ev())
@@ -757,9 +764,9 @@ async def test_standalone_process_runs_without_a_runtime() -> None:
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_runtime_and_process_can_be_built_outside_an_event_loop(backend: str) -> None:
+def test_runtime_and_process_can_be_built_outside_an_event_loop(backend: str, store_kind: str, tmp_path: Path) -> None:
     # Hosts build the runtime at import time or in sync setup code, before any loop runs.
-    rt = AgentRuntime()
+    rt = AgentRuntime(store=make_store(store_kind, tmp_path))
     solo = AgentProcess("solo")
 
     async def main() -> None:
@@ -777,8 +784,9 @@ def test_runtime_and_process_can_be_built_outside_an_event_loop(backend: str) ->
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_imperative_style_without_stop_lets_the_program_exit(backend: str) -> None:
+def test_imperative_style_without_stop_lets_the_program_exit(backend: str, store_kind: str, tmp_path: Path) -> None:
     outcome: dict[str, Any] = {}
+    event_store = make_store(store_kind, tmp_path)
 
     async def main() -> None:
         done = anyio.Event()
@@ -786,7 +794,7 @@ def test_imperative_style_without_stop_lets_the_program_exit(backend: str) -> No
         async def handler(event: TriggerEvent) -> None:
             done.set()
 
-        rt = AgentRuntime()
+        rt = AgentRuntime(store=event_store)
         trigger = TriggerConfig(type="interval", interval_seconds=0.01)
         outcome["process"] = await rt.add_process("p", ProcessConfig(handler=handler, triggers=[trigger]))
         await rt.start_all()
@@ -812,12 +820,12 @@ def test_imperative_style_without_stop_lets_the_program_exit(backend: str) -> No
 # -- status --------------------------------------------------------------------------------------------------
 
 
-async def test_status_fields() -> None:
+async def test_status_fields(event_store: EventStore) -> None:
     trigger = TriggerConfig(type="cron", cron_expression="0 * * * *")
     config = ProcessConfig(
         handler=_async_handler, instructions="Monitor data.", model="openai:gpt-4o", triggers=[trigger], max_queue=7
     )
-    async with AgentRuntime() as rt:
+    async with AgentRuntime(store=event_store) as rt:
         process = await rt.add_process("watcher", config)
         status = process.status()
         assert status["name"] == process.name == "watcher" and status["process_id"] == process.process_id
@@ -847,14 +855,14 @@ async def test_status_fields() -> None:
         assert whole["processes"]["watcher"]["process_id"] == process.process_id
 
 
-async def test_a_busy_worker_takes_events_in_batches_and_still_yields() -> None:
+async def test_a_busy_worker_takes_events_in_batches_and_still_yields(event_store: EventStore) -> None:
 
     handled: list[int] = []
 
     async def handler(event: TriggerEvent) -> None:
         handled.append(event.payload["i"])  # never awaits: only the worker itself can yield
 
-    runtime = AgentRuntime()
+    runtime = AgentRuntime(store=event_store)
     process = await runtime.add_process("w", ProcessConfig(handler=handler, max_queue=1000))
     for i in range(500):
         await process.inject(TriggerEvent("t", payload={"i": i}))
@@ -898,55 +906,89 @@ def test_event_ids_are_unique_uuid4_strings_and_not_shared_after_fork() -> None:
     assert child_id != TriggerEvent("t").event_id
 
 
-async def test_removing_a_process_with_queued_events_says_so(caplog: pytest.LogCaptureFixture) -> None:
-    runtime = AgentRuntime()
+async def test_removing_a_process_with_queued_events_says_so(
+    caplog: pytest.LogCaptureFixture, event_store: EventStore
+) -> None:
+    runtime = AgentRuntime(store=event_store)
     process = await runtime.add_process("w", ProcessConfig())
     for _ in range(3):
         await process.inject(TriggerEvent("t"))
     await runtime.remove_process("w")
-    assert "Process 'w': 3 queued event(s) discarded with the process, which was removed" in caplog.messages
+    if event_store.durable:
+        where = f"stay in the event store {event_store.location} for the next process of this name"
+        assert f"Process 'w': 3 queued event(s) {where}" in caplog.messages
+        # They are delivered to the next process of that name, in this runtime too.
+        again = await runtime.add_process("w", ProcessConfig())
+        assert again.status()["queue_size"] == again.status()["events_recovered"] == 3
+    else:
+        assert "Process 'w': 3 queued event(s) discarded with the process, which was removed" in caplog.messages
     with pytest.raises(RuntimeError, match="removed"):
         await process.inject(TriggerEvent("t"))
+    await runtime.aclose()
 
 
 class TestHonestExit:
-    """SPEC 18: a memory-store runtime that exits with events left says how many it discards, never 'later'."""
+    """SPEC 18: a memory-store runtime that exits with events left says how many it discards, never 'later';
+    a durable store says that it keeps them, and does."""
 
     async def test_a_stopped_process_queue_is_reported_discarded_at_exit(
-        self, caplog: pytest.LogCaptureFixture
+        self, caplog: pytest.LogCaptureFixture, event_store: EventStore
     ) -> None:
         caplog.set_level(logging.WARNING, logger="promptise_asgi.runtime")
-        async with AgentRuntime() as rt:
+        async with AgentRuntime(store=event_store) as rt:
             process = await rt.add_process("idle", ProcessConfig())
             for _ in range(4):
                 await process.inject(TriggerEvent("t"))  # never started: these only wait
+        if event_store.durable:
+            assert caplog.messages == [
+                f"Process 'idle': 4 queued event(s) stay in the event store {event_store.location} for the next run"
+            ]
+            assert process.status()["events_discarded"] == 0
+            async with AgentRuntime(store=event_store) as rt:
+                assert (await rt.add_process("idle", ProcessConfig())).status()["queue_size"] == 4
+            return
         assert caplog.messages == [
             "Process 'idle': 4 queued event(s) discarded at exit: the memory store keeps no events across an exit"
         ]
         assert process.status()["events_discarded"] == 4 and process.status()["queue_size"] == 0
 
     async def test_drain_timeout_at_exit_reports_discards_and_no_promise(
-        self, caplog: pytest.LogCaptureFixture
+        self, caplog: pytest.LogCaptureFixture, event_store: EventStore
     ) -> None:
         caplog.set_level(logging.WARNING, logger="promptise_asgi.runtime")
         recorder = Recorder()
         recorder.gate = anyio.Event()  # the handler never finishes: the drain timeout cuts it off
-        runtime = AgentRuntime()
+        runtime = AgentRuntime(store=event_store)
         process = await runtime.add_process("slow", ProcessConfig(handler=recorder, drain_timeout=0.05))
         await runtime.start_all()
         for _ in range(3):
             await process.inject(ev())
         await recorder.entered.wait()
         await runtime.aclose()
+        if event_store.durable:
+            assert caplog.messages == [
+                f"Process 'slow': 3 queued event(s) stay in the event store {event_store.location} for the next run"
+            ]
+            # The next runtime delivers all three, the one cut off first, as its second attempt.
+            recorder.gate = None
+            async with AgentRuntime(store=event_store) as rt:
+                again = await rt.add_process("slow", ProcessConfig(handler=recorder))
+                await rt.start_all()
+                await wait_for(lambda: len(recorder.seen) == 3)
+            assert recorder.seen[0] == recorder.cancelled[0]
+            assert again.status()["events_redelivered"] == 1
+            return
         assert caplog.messages == [
             "Process 'slow': 3 queued event(s) discarded at exit: the memory store keeps no events across an exit"
         ]
         assert not any("starts again" in message or "next start" in message for message in caplog.messages)
 
-    async def test_nothing_is_logged_when_nothing_is_left(self, caplog: pytest.LogCaptureFixture) -> None:
+    async def test_nothing_is_logged_when_nothing_is_left(
+        self, caplog: pytest.LogCaptureFixture, event_store: EventStore
+    ) -> None:
         caplog.set_level(logging.WARNING, logger="promptise_asgi.runtime")
         recorder = Recorder()
-        async with AgentRuntime() as rt:
+        async with AgentRuntime(store=event_store) as rt:
             process = await rt.add_process("quick", ProcessConfig(handler=recorder))
             await process.start()
             await process.inject(ev())
@@ -954,8 +996,8 @@ class TestHonestExit:
         assert caplog.messages == []
 
 
-async def test_async_with_after_imperative_use_once_everything_is_stopped() -> None:
-    runtime = AgentRuntime()
+async def test_async_with_after_imperative_use_once_everything_is_stopped(event_store: EventStore) -> None:
+    runtime = AgentRuntime(store=event_store)
     await runtime.add_process("w", ProcessConfig())
     await runtime.start_all()
     await runtime.stop_all()
@@ -968,9 +1010,9 @@ async def test_async_with_after_imperative_use_once_everything_is_stopped() -> N
 class TestObservers:
     """The hook a transport streams changes from (SPEC 13): added, removed and every state change."""
 
-    async def test_an_observer_sees_processes_come_go_and_change_state(self) -> None:
+    async def test_an_observer_sees_processes_come_go_and_change_state(self, event_store: EventStore) -> None:
         seen: list[tuple[str, dict[str, Any]]] = []
-        rt = AgentRuntime()
+        rt = AgentRuntime(store=event_store)
         remove = rt.add_observer(lambda change, data: seen.append((change, data)))
         process = await rt.add_process("p", ProcessConfig())
         await process.start()
@@ -990,14 +1032,14 @@ class TestObservers:
         remove()  # removing twice is harmless
 
     async def test_a_failing_start_is_observed_and_a_failing_observer_is_only_logged(
-        self, caplog: pytest.LogCaptureFixture
+        self, caplog: pytest.LogCaptureFixture, event_store: EventStore
     ) -> None:
         seen: list[str] = []
 
         def broken(change: str, data: dict[str, Any]) -> None:
             raise RuntimeError("observer bug")
 
-        rt = AgentRuntime()
+        rt = AgentRuntime(store=event_store)
         rt.add_observer(broken)
         rt.add_observer(lambda change, data: seen.append(data.get("state", change)))
         process = await rt.add_process("p", ProcessConfig(handler="no_such_module:handler"))

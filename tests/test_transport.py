@@ -435,7 +435,14 @@ class TestMetricsAndOpenAPI:
         # Every route of the app's one table is documented (the document itself aside), and nothing else.
         routes = {route.path for route in api_routes()} - {"/openapi.json"}
         assert set(document["paths"]) == routes
-        assert {"/changes", "/processes/{name}/event", "/metrics"} <= routes
+        assert {
+            "/changes",
+            "/processes/{name}/event",
+            "/processes/{name}/dead-letters",
+            "/processes/{name}/dead-letters/{event_id}/retry",
+            "/processes/{name}/dead-letters/{event_id}",
+            "/metrics",
+        } <= routes
         assert "security" not in document
 
     async def test_openapi_declares_bearer_when_secured(self) -> None:

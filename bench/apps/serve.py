@@ -1,6 +1,9 @@
-"""Serve one benchmark app with uvicorn in-process: `python -m bench.apps.serve bare|node --port N`.
+"""Serve one benchmark app with uvicorn in-process: `python -m bench.apps.serve bare|node|durable --port N`.
 
-Both apps go through this one launcher so the server is the same for the ceiling and for ours: uvicorn with
+`durable` is our node with its events in a SQLite store (`--store FILE`, default `bench-events.sqlite3` in a
+new temporary directory).
+
+Every app goes through this one launcher so the server is the same for the ceiling and for ours: uvicorn with
 uvloop and httptools, log level warning, no access log. Ours is served as `promptise-asgi node` and
 `RuntimeTransport` serve it, with the size and time limits of SPEC 18 (their HTTP protocol), so the figures
 include what those limits cost; the ceiling runs on uvicorn's plain protocol. Running `uvicorn.Server.serve()`
@@ -13,7 +16,9 @@ Exit code 3 means the app could not be built because promptise_asgi is not there
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from typing import Any
 
 import uvicorn
@@ -24,25 +29,27 @@ __all__ = ["main"]
 NOT_BUILT_EXIT = 3
 
 
-async def _build(which: str) -> Any:
+async def _build(which: str, store: str | None) -> Any:
     if which == "bare":
         from bench.apps.bare import app
 
         return app
     from bench.apps.node import build_app
 
-    return await build_app()
+    if which == "durable" and store is None:
+        store = os.path.join(tempfile.mkdtemp(prefix="bench-store-"), "bench-events.sqlite3")
+    return await build_app(store if which == "durable" else None)
 
 
-async def _serve(which: str, host: str, port: int) -> int:
+async def _serve(which: str, host: str, port: int, store: str | None = None) -> int:
     try:
-        app = await _build(which)
+        app = await _build(which, store)
     except ImportError as exc:
         print(f"not built yet: {exc}", file=sys.stderr)
         return NOT_BUILT_EXIT
     http: Any = "httptools"
     options: dict[str, Any] = {}
-    if which == "node":
+    if which != "bare":
         from promptise_asgi._server import ServerLimits
         from promptise_asgi._server._limits import uvicorn_options, uvicorn_protocol
 
@@ -73,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         The process exit code.
     """
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("app", choices=["bare", "node"])
+    parser.add_argument("app", choices=["bare", "node", "durable"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--store", help="the durable node's SQLite file")
     args = parser.parse_args(argv)
-    return uvloop.run(_serve(args.app, args.host, args.port))
+    return uvloop.run(_serve(args.app, args.host, args.port, args.store))
 
 
 if __name__ == "__main__":

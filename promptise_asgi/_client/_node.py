@@ -18,7 +18,7 @@ import httpx
 
 from .._errors import NodeError, NodeResponseTooLargeError, NodeTimeoutError, NodeUnreachableError, answer_error_text
 from .._request_id import CURRENT_REQUEST_ID
-from .._validation import check_count, check_seconds, clean_token, normalize_url, redact_url
+from .._validation import check_count, check_idempotency_key, check_seconds, clean_token, normalize_url, redact_url
 from ._stream import ChangeStream
 
 __all__ = ["NodeClient", "event_body", "path_segment"]
@@ -191,14 +191,16 @@ class NodeClient:
         """
         return (await self._exchange(method, path, json))[1]
 
-    async def _exchange(self, method: str, path: str, json: Any) -> tuple[int, Any, str]:
+    async def _exchange(
+        self, method: str, path: str, json: Any, headers: dict[str, str] | None = None
+    ) -> tuple[int, Any, str]:
         if not path.startswith("/"):
             path = "/" + path
         shown = self._display + path
         answer: tuple[httpx.Response, bytes] | None = None
         try:
             with anyio.move_on_after(self._timeout):
-                answer = await self._fetch(method, self._base + path, json, shown)
+                answer = await self._fetch(method, self._base + path, json, shown, headers)
         except httpx.TimeoutException as exc:
             raise NodeTimeoutError(shown, _reason(exc)) from exc
         except httpx.RequestError as exc:
@@ -215,9 +217,11 @@ class NodeClient:
         except ValueError:
             raise NodeError(response.status_code, "the node's answer is not valid JSON", shown) from None
 
-    async def _fetch(self, method: str, url: str, body: Any, shown: str) -> tuple[httpx.Response, bytes]:
+    async def _fetch(
+        self, method: str, url: str, body: Any, shown: str, extra: dict[str, str] | None = None
+    ) -> tuple[httpx.Response, bytes]:
         limit = self._max_response_bytes
-        headers = self._headers
+        headers = self._headers if extra is None else {**(self._headers or {}), **extra}
         request_id = CURRENT_REQUEST_ID.get()
         if request_id is not None:  # a call made while serving a request carries that request's id on
             headers = {**(headers or {}), "X-Request-ID": request_id}
@@ -247,8 +251,10 @@ class NodeClient:
         finally:
             await response.aclose()
 
-    async def _object(self, method: str, path: str, json: Any = None) -> dict[str, Any]:
-        status_code, result, shown = await self._exchange(method, path, json)
+    async def _object(
+        self, method: str, path: str, json: Any = None, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        status_code, result, shown = await self._exchange(method, path, json, headers)
         if not isinstance(result, dict):
             raise NodeError(status_code, f"expected a JSON object, got {type(result).__name__}", shown)
         return result
@@ -294,6 +300,7 @@ class NodeClient:
         trigger_id: str = "remote",
         trigger_type: str = "remote",
         metadata: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """POST /processes/{name}/event: queue an event; returns `{"status": "injected", "event_id", ...}`.
 
@@ -303,12 +310,43 @@ class NodeClient:
             trigger_id: the event's trigger id.
             trigger_type: the event's trigger type.
             metadata: the event metadata (a JSON object); None sends `{}`.
+            idempotency_key: sent as `Idempotency-Key` (1-255 printable ASCII characters): calling again with
+                the same key and arguments, after a timeout say, queues nothing and returns the first answer.
 
         Raises:
-            NodeError: e.g. 404 unknown process, 400 bad body, 413 too large, 429 queue full.
+            ValueError: a bad `idempotency_key`.
+            NodeError: e.g. 404 unknown process, 400 bad body, 413 too large, 422 key reused with other
+                arguments, 429 queue full.
         """
         body = event_body(payload, trigger_id, trigger_type, metadata)
-        return await self._object("POST", f"/processes/{path_segment(name)}/event", body)
+        headers = None if idempotency_key is None else {"Idempotency-Key": check_idempotency_key(idempotency_key)}
+        return await self._object("POST", f"/processes/{path_segment(name)}/event", body, headers)
+
+    async def dead_letters(self, name: str, *, limit: int = 100) -> dict[str, Any]:
+        """GET /processes/{name}/dead-letters: `{"process", "dead_letters": [...]}`, the newest `limit`, oldest first.
+
+        Raises:
+            NodeError: e.g. 404 unknown process, 501 a runtime without an event store.
+        """
+        return await self._object("GET", f"/processes/{path_segment(name)}/dead-letters?limit={int(limit)}")
+
+    async def retry_dead_letter(self, name: str, event_id: str) -> dict[str, Any]:
+        """POST /processes/{name}/dead-letters/{event_id}/retry: queue a dead letter again (202).
+
+        Raises:
+            NodeError: e.g. 404 unknown process or dead letter, 429 queue full.
+        """
+        return await self._object(
+            "POST", f"/processes/{path_segment(name)}/dead-letters/{path_segment(event_id)}/retry"
+        )
+
+    async def delete_dead_letter(self, name: str, event_id: str) -> dict[str, Any]:
+        """DELETE /processes/{name}/dead-letters/{event_id}: forget a dead letter.
+
+        Raises:
+            NodeError: e.g. 404 unknown process or dead letter.
+        """
+        return await self._object("DELETE", f"/processes/{path_segment(name)}/dead-letters/{path_segment(event_id)}")
 
     def changes(self, *, last_event_id: int | None = None) -> ChangeStream:
         """GET /changes: the node's changes as they happen, reconnecting and resuming by id on their own.

@@ -18,12 +18,20 @@ from ._guard import (
     scoped_tokens,
     token_fingerprint,
 )
-from ._responses import JSONResponse, dumps, error_response, exception_handlers, response_for_exception
+from ._responses import (
+    EXPECTED_FAILURES,
+    JSONResponse,
+    dumps,
+    error_response,
+    exception_handlers,
+    response_for_exception,
+)
 from ._sse import DEFAULT_PING_INTERVAL, encode_change, event_stream, requested_last_event_id
 
 __all__ = [
     "CONTROL",
     "DEFAULT_PING_INTERVAL",
+    "EXPECTED_FAILURES",
     "NODE",
     "ONLY_CONTROL",
     "PROBE_PATHS",

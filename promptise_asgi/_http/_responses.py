@@ -18,13 +18,22 @@ from starlette.types import ExceptionHandler
 from .._errors import (
     ClusterFullError,
     DiscoveryUnavailableError,
+    EventStoreError,
+    IdempotencyKeyConflictError,
     NodeConflictError,
     NodeError,
     NodeTimeoutError,
     NodeUnreachableError,
 )
 
-__all__ = ["JSONResponse", "dumps", "error_response", "exception_handlers", "response_for_exception"]
+__all__ = [
+    "EXPECTED_FAILURES",
+    "JSONResponse",
+    "dumps",
+    "error_response",
+    "exception_handlers",
+    "response_for_exception",
+]
 
 _ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS
 
@@ -52,11 +61,13 @@ def error_response(status_code: int, message: str, headers: Mapping[str, str] | 
     return JSONResponse({"error": message}, status_code=status_code, headers=headers)
 
 
-# The coordinator's own refusals, as the status each one answers with.
+# The coordinator's and the event store's refusals, as the status each one answers with.
 _REFUSALS: dict[type[Exception], int] = {
     NodeConflictError: 409,
     ClusterFullError: 503,
     DiscoveryUnavailableError: 503,
+    IdempotencyKeyConflictError: 422,
+    EventStoreError: 503,
 }
 
 
@@ -85,7 +96,7 @@ async def _handle(request: Request, exc: Exception) -> Response:
 
 
 # Failures that are answers, not bugs: handled where they are raised, without a traceback in the log.
-_EXPECTED = (HTTPException, NodeError, NodeUnreachableError, *_REFUSALS)
+EXPECTED_FAILURES = (HTTPException, NodeError, NodeUnreachableError, *_REFUSALS)
 
 
 def exception_handlers() -> dict[Any, ExceptionHandler]:
@@ -93,6 +104,6 @@ def exception_handlers() -> dict[Any, ExceptionHandler]:
 
     An unexpected exception is answered too and then re-raised by Starlette, so the server logs its traceback.
     """
-    handlers: dict[Any, ExceptionHandler] = {expected: _handle for expected in _EXPECTED}
+    handlers: dict[Any, ExceptionHandler] = {expected: _handle for expected in EXPECTED_FAILURES}
     handlers[Exception] = _handle
     return handlers

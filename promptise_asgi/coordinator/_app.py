@@ -33,7 +33,7 @@ from .._http import (
     read_json_object,
     scoped_tokens,
 )
-from .._validation import normalize_tokens
+from .._validation import check_idempotency_key, normalize_tokens
 from ._core import RuntimeCoordinator
 from ._ui import UI_PATHS, ui_routes
 
@@ -152,6 +152,7 @@ async def event_on_node(request: Request) -> Response:
         trigger_id=fields.trigger_id,
         trigger_type=fields.trigger_type,
         metadata=fields.metadata,
+        idempotency_key=_idempotency_key(request),
     )
     return JSONResponse(result, status_code=202)
 
@@ -164,9 +165,25 @@ async def broadcast(request: Request) -> Response:
         raise HTTPException(400, "node_ids must be a list of node ids")
     process: str = request.path_params["name"]
     results = await _coordinator(request).broadcast_event(
-        process, fields.payload, node_ids=node_ids, trigger_type=fields.trigger_type, metadata=fields.metadata
+        process,
+        fields.payload,
+        node_ids=node_ids,
+        trigger_type=fields.trigger_type,
+        metadata=fields.metadata,
+        idempotency_key=_idempotency_key(request),
     )
     return JSONResponse({"process": process, "results": results})
+
+
+def _idempotency_key(request: Request) -> str | None:
+    """The request's `Idempotency-Key`, passed on to the nodes (400 here rather than at every node)."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    try:
+        return check_idempotency_key(key)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
 
 
 def _scope_rule(node_token_set: bool) -> Callable[[str, str], Scopes]:

@@ -34,6 +34,7 @@ from .._validation import (
     check_count,
     check_seconds,
     clean_token,
+    derive_idempotency_key,
     metadata_size,
     validate_metadata,
     validate_node_id,
@@ -614,8 +615,11 @@ class RuntimeCoordinator:
         trigger_id: str = "remote",
         trigger_type: str = "remote",
         metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, Any]:
         """Inject an event into `process` on a node; returns the node's 202 answer.
+
+        `idempotency_key` is passed to the node as `Idempotency-Key`: the node queues the event once per key.
 
         Raises:
             KeyError: unknown node.
@@ -629,6 +633,7 @@ class RuntimeCoordinator:
             trigger_id=trigger_id,
             trigger_type=trigger_type,
             metadata=None if metadata is None else dict(metadata),
+            idempotency_key=idempotency_key,
         )
 
     async def broadcast_event(
@@ -639,6 +644,7 @@ class RuntimeCoordinator:
         node_ids: Iterable[str] | None = None,
         trigger_type: str = "remote",
         metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Inject the same event into `process` on many nodes at once.
 
@@ -648,6 +654,8 @@ class RuntimeCoordinator:
             node_ids: the targets (default: every node in the table).
             trigger_type: the event's trigger type.
             metadata: the event's metadata.
+            idempotency_key: makes the broadcast safe to repeat: each node gets its own key derived from this
+                one and its node id (`derive_idempotency_key`), so a retried broadcast queues nothing twice.
 
         Returns:
             node id -> the node's answer, or `{"error": ..., "status_code": ...}` for an HTTP error, or
@@ -660,7 +668,12 @@ class RuntimeCoordinator:
             try:
                 async with self._limiter:
                     results[node_id] = await self.inject_event_on_node(
-                        node_id, process, payload, trigger_type=trigger_type, metadata=metadata
+                        node_id,
+                        process,
+                        payload,
+                        trigger_type=trigger_type,
+                        metadata=metadata,
+                        idempotency_key=derive_idempotency_key(idempotency_key, node_id) if idempotency_key else None,
                     )
             except KeyError as exc:
                 results[node_id] = {"error": str(exc.args[0]), "status_code": 404}

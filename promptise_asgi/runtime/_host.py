@@ -21,15 +21,17 @@ class Run:
     """One start-to-stop cycle: the scopes that stop its workers and triggers, and the event saying it ended.
 
     `draining` tells workers to cancel `workers` themselves once the queue is empty and nothing is in flight.
+    `tasks` is the task group of the cycle's workers, for tasks that must end with them.
     """
 
-    __slots__ = ("done", "draining", "triggers", "workers")
+    __slots__ = ("done", "draining", "tasks", "triggers", "workers")
 
     def __init__(self) -> None:
         self.workers = anyio.CancelScope()
         self.triggers = anyio.CancelScope()
         self.done = anyio.Event()
         self.draining = False
+        self.tasks: TaskGroup | None = None
 
 
 class TaskHost:

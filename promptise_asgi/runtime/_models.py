@@ -6,8 +6,10 @@ starts a task or touches an event loop, and nothing here knows about HTTP or abo
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import json
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -28,8 +30,12 @@ __all__ = [
     "callable_name",
     "check_process_name",
     "describe_error",
+    "event_fields",
+    "event_from_fields",
+    "fingerprint_of",
     "iso_utc",
     "resolve_handler",
+    "retry_delay",
 ]
 
 TRIGGER_TYPES = ("cron", "interval", "event")
@@ -92,6 +98,9 @@ class TriggerEvent:
         metadata: free-form data about the event.
         event_id: a uuid4 string, unique per event.
         timestamp: when the event was created (UTC).
+        attempt: which delivery this is, 1 on the first. More than 1 means an earlier delivery may have run
+            (partly or wholly): it raised and is retried, or it was cut off by a crash or a stop. Delivery is
+            at-least-once, so a handler with side effects dedupes by `event_id`.
     """
 
     trigger_id: str
@@ -100,6 +109,7 @@ class TriggerEvent:
     metadata: dict[str, Any] = field(default_factory=dict)
     event_id: str = field(default_factory=_new_event_id)
     timestamp: datetime = field(default_factory=_utc_now)
+    attempt: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict of this event (timestamp in ISO 8601)."""
@@ -110,6 +120,7 @@ class TriggerEvent:
             "metadata": self.metadata,
             "event_id": self.event_id,
             "timestamp": self.timestamp.isoformat(),
+            "attempt": self.attempt,
         }
 
 
@@ -174,6 +185,13 @@ class ProcessConfig:
         concurrency: how many events are handled at the same time (>= 1).
         max_queue: how many events may wait (>= 1); an injection beyond it is refused.
         drain_timeout: seconds `stop()` lets queued and running events finish (>= 0).
+        max_attempts: tries an event's handler gets (>= 1): an event whose handler raises is delivered again
+            until it has raised this many times, then it moves to the dead letters with reason `"error"`.
+        retry_backoff: seconds before the first retry (>= 0); each next one waits twice as long, at most 30 s.
+        poison_after: crashes in a row an event's delivery may cut off (>= 1) before the next runtime moves it
+            to the dead letters with reason `"interrupted"` instead of delivering it again.
+        max_dead_letters: dead letters kept (>= 1); beyond it the oldest are dropped, with a log line.
+        idempotency_ttl: seconds an idempotency key is remembered after its event was accepted (> 0).
 
     Raises:
         ValueError: a field is out of range; the message names it.
@@ -187,6 +205,11 @@ class ProcessConfig:
     concurrency: int = 1
     max_queue: int = 1000
     drain_timeout: float = 5.0
+    max_attempts: int = 1
+    retry_backoff: float = 0.5
+    poison_after: int = 3
+    max_dead_letters: int = 10_000
+    idempotency_ttl: float = 86400.0
 
     def __post_init__(self) -> None:
         handler = self.handler
@@ -195,6 +218,11 @@ class ProcessConfig:
         check_count("ProcessConfig.concurrency", self.concurrency)
         check_count("ProcessConfig.max_queue", self.max_queue)
         self.drain_timeout = check_seconds("ProcessConfig.drain_timeout", self.drain_timeout, zero_ok=True)
+        check_count("ProcessConfig.max_attempts", self.max_attempts)
+        self.retry_backoff = check_seconds("ProcessConfig.retry_backoff", self.retry_backoff, zero_ok=True)
+        check_count("ProcessConfig.poison_after", self.poison_after)
+        check_count("ProcessConfig.max_dead_letters", self.max_dead_letters)
+        self.idempotency_ttl = check_seconds("ProcessConfig.idempotency_ttl", self.idempotency_ttl)
         triggers: list[TriggerConfig] = []
         for trigger in self.triggers:
             if isinstance(trigger, Mapping):
@@ -237,6 +265,47 @@ def check_process_name(name: object) -> None:
     """Raise ValueError unless `name` is a non-empty string without `/` (names are URL path segments)."""
     if not isinstance(name, str) or not name or "/" in name:
         raise ValueError(f"process name must be a non-empty string without '/', got {name!r}")
+
+
+# Retries wait retry_backoff, then twice as long each time, but never longer than this.
+MAX_RETRY_DELAY = 30.0
+
+
+def retry_delay(backoff: float, errors: int) -> float:
+    """Seconds to wait before delivering again an event whose handler raised `errors` times in a row."""
+    return float(min(backoff * 2.0 ** (errors - 1), MAX_RETRY_DELAY))
+
+
+def event_fields(event: TriggerEvent) -> dict[str, Any]:
+    """The fields of an event a store keeps besides its id, JSON-ready (timestamp in ISO 8601)."""
+    return {
+        "trigger_id": event.trigger_id,
+        "trigger_type": event.trigger_type,
+        "payload": event.payload,
+        "metadata": event.metadata,
+        "timestamp": event.timestamp.isoformat(),
+    }
+
+
+def event_from_fields(event_id: str, fields: Mapping[str, Any], attempts: int) -> TriggerEvent:
+    """Rebuild an event a store kept; `attempts` deliveries were started, so this one is number attempts + 1."""
+    stamp = fields.get("timestamp")
+    return TriggerEvent(
+        trigger_id=str(fields.get("trigger_id", "")),
+        trigger_type=str(fields.get("trigger_type", "")),
+        payload=dict(fields.get("payload") or {}),
+        metadata=dict(fields.get("metadata") or {}),
+        event_id=event_id,
+        timestamp=datetime.fromisoformat(stamp) if isinstance(stamp, str) else _utc_now(),
+        attempt=attempts + 1,
+    )
+
+
+def fingerprint_of(event: TriggerEvent) -> str:
+    """What an event looks like to an idempotency key: a hash of its fields as canonical JSON."""
+    fields = [event.trigger_id, event.trigger_type, event.payload, event.metadata]
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def describe_error(exc: BaseException) -> str:

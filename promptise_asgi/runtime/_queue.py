@@ -7,6 +7,7 @@ interrupted event can go back to the front. The bound is the caller's to enforce
 from __future__ import annotations
 
 from collections import deque
+from itertools import islice
 from typing import Generic, TypeVar
 
 import anyio
@@ -41,6 +42,23 @@ class EventQueue(Generic[T]):
         # acquire takes nothing, so a worker cancelled while waiting never loses an event.
         await self._available.acquire()
         return self._items.popleft()
+
+    def peek(self, count: int) -> list[T]:
+        """The next `count` items (fewer if the queue is shorter), left in the queue."""
+        return list(islice(self._items, count))
+
+    def remove(self, item: T) -> bool:
+        """Take `item` out wherever it is; False if it is not queued (someone took it already)."""
+        try:
+            self._available.acquire_nowait()
+        except anyio.WouldBlock:
+            return False
+        try:
+            self._items.remove(item)
+        except ValueError:
+            self._available.release()
+            return False
+        return True
 
     def get_nowait(self) -> T | None:
         """Take the next item without yielding to the event loop, or None when the queue is empty."""

@@ -6,21 +6,24 @@ knows which server runs the app, how it is dispatched, or how nodes are discover
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from .._http import JSONResponse, dumps, error_response, event_stream, parse_event_body, read_json_object
+from .._validation import check_idempotency_key
 from . import _promptise as promptise
 from ._changes import NodeChanges
 from ._metrics import metrics_endpoint
-from ._openapi import node_openapi
-from ._shape import RuntimeLike
+from ._openapi import MAX_DEAD_LETTER_LIMIT, node_openapi
+from ._shape import RuntimeLike, StoreProcess
 
 __all__ = ["NodeState", "Phase", "api_routes"]
 
@@ -170,7 +173,9 @@ async def _lifecycle(action: str, operation: Any, name: str) -> Any:
 async def inject_event(request: Request) -> Response:
     node, name = _node(request), request.path_params["name"]
     process = node.process(name)
-    fields = parse_event_body(await read_json_object(request, node.max_body_bytes))
+    key = _idempotency_key(request)
+    body = await read_json_object(request, node.max_body_bytes)
+    fields = parse_event_body(body)
     event = promptise.make_event(
         process,
         trigger_id=fields.trigger_id,
@@ -178,15 +183,81 @@ async def inject_event(request: Request) -> Response:
         payload=fields.payload,
         metadata=fields.metadata,
     )
+    event_id = promptise.event_id_of(event)
     try:
-        await promptise.inject(process, event)
+        if key is None:
+            await promptise.inject(process, event)
+        else:
+            # The same key with the same body (as parsed JSON, key order aside) answers the first event's id.
+            fingerprint = hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+            event_id = await _store_process(process, name, "Idempotency-Key").inject(
+                event, idempotency_key=key, fingerprint=fingerprint
+            )
     except Exception as exc:
         if promptise.queue_full_retry_after(exc) is None:
             raise
         return error_response(429, str(exc), {"Retry-After": str(node.retry_after)})
+    replayed = event_id != promptise.event_id_of(event)
     return JSONResponse(
-        {"status": "injected", "event_id": promptise.event_id_of(event), "process": name}, status_code=202
+        {"status": "injected", "event_id": event_id, "process": name},
+        status_code=202,
+        headers={"Idempotent-Replayed": "true"} if replayed else None,
     )
+
+
+def _idempotency_key(request: Request) -> str | None:
+    for header, value in request.scope["headers"]:
+        if header == b"idempotency-key":
+            try:
+                return check_idempotency_key(value.decode("latin-1"))
+            except ValueError as exc:
+                raise HTTPException(400, str(exc)) from None
+    return None
+
+
+def _store_process(process: Any, name: str, feature: str) -> StoreProcess:
+    found = promptise.store_process(process)
+    if found is None:
+        raise HTTPException(
+            501,
+            f"{feature} needs the built-in runtime's event store; process '{name}' belongs to a runtime that keeps "
+            "its own queue",
+        )
+    return found
+
+
+async def list_dead_letters(request: Request) -> Response:
+    node, name = _node(request), request.path_params["name"]
+    process = _store_process(node.process(name), name, "Dead letters")
+    text = request.query_params.get("limit", "100")
+    limit = int(text) if text.isdigit() and len(text) <= 6 else 0
+    if not 1 <= limit <= MAX_DEAD_LETTER_LIMIT:
+        raise HTTPException(400, f"limit must be an integer from 1 to {MAX_DEAD_LETTER_LIMIT}")
+    return JSONResponse({"process": name, "dead_letters": await process.list_dead_letters(limit)})
+
+
+async def retry_dead_letter(request: Request) -> Response:
+    node, name, event_id = _node(request), request.path_params["name"], request.path_params["event_id"]
+    process = _store_process(node.process(name), name, "Dead letters")
+    try:
+        found = await process.retry_dead_letter(event_id)
+    except ValueError as exc:  # an event with that id is queued already
+        raise HTTPException(409, str(exc)) from None
+    except Exception as exc:
+        if promptise.queue_full_retry_after(exc) is None:
+            raise
+        return error_response(429, str(exc), {"Retry-After": str(node.retry_after)})
+    if not found:
+        raise HTTPException(404, f"Dead letter '{event_id}' not found in process '{name}'")
+    return JSONResponse({"status": "queued", "event_id": event_id, "process": name}, status_code=202)
+
+
+async def delete_dead_letter(request: Request) -> Response:
+    node, name, event_id = _node(request), request.path_params["name"], request.path_params["event_id"]
+    process = _store_process(node.process(name), name, "Dead letters")
+    if not await process.delete_dead_letter(event_id):
+        raise HTTPException(404, f"Dead letter '{event_id}' not found in process '{name}'")
+    return JSONResponse({"status": "deleted", "event_id": event_id, "process": name})
 
 
 async def openapi(request: Request) -> Response:
@@ -208,6 +279,9 @@ def api_routes() -> list[Route]:
         Route("/processes/{name}/stop", stop_process, methods=["POST"]),
         Route("/processes/{name}/restart", restart_process, methods=["POST"]),
         Route("/processes/{name}/event", inject_event, methods=["POST"]),
+        Route("/processes/{name}/dead-letters", list_dead_letters, methods=["GET"]),
+        Route("/processes/{name}/dead-letters/{event_id}/retry", retry_dead_letter, methods=["POST"]),
+        Route("/processes/{name}/dead-letters/{event_id}", delete_dead_letter, methods=["DELETE"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]

@@ -15,13 +15,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from .._http import RequestGuard, RequestLog, response_for_exception, route_path
+from .._http import EXPECTED_FAILURES, RequestGuard, RequestLog, response_for_exception, route_path
 from ._endpoints import NodeState, health
 
 __all__ = ["DispatchTable", "TransportApp"]
@@ -118,7 +117,7 @@ class TransportApp(Starlette):
         except ClientDisconnect:
             return  # nobody is left to answer
         except Exception as exc:
-            if not isinstance(exc, HTTPException):
+            if not isinstance(exc, EXPECTED_FAILURES):  # answers, not bugs: no traceback
                 logger.exception("%s %s failed", scope["method"], scope["path"])
             response = response_for_exception(exc)
         await response(scope, receive, send)

@@ -11,7 +11,10 @@ from typing import Any
 
 from .._version import __version__ as _version
 
-__all__ = ["node_openapi"]
+__all__ = ["MAX_DEAD_LETTER_LIMIT", "node_openapi"]
+
+# The most dead letters one `GET /processes/{name}/dead-letters` lists.
+MAX_DEAD_LETTER_LIMIT = 10_000
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _OBJECT: dict[str, Any] = {"type": "object"}
@@ -23,15 +26,18 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     descriptions = {
-        400: "Bad request body",
+        400: "Bad request body, header or parameter",
         401: "Missing or wrong bearer token",
         403: "No token configured: a remote peer or a cross-origin request refused",
-        404: "Unknown process",
+        404: "Unknown process (or dead letter)",
+        409: "An event with this id is queued already",
         413: "Body larger than max_body_bytes",
         421: "Non-loopback Host (no token configured)",
+        422: "Idempotency-Key already used with a different body",
         429: "Process queue full; see Retry-After",
         500: "Unexpected failure",
-        503: "Not ready",
+        501: "The process's runtime has no event store (dead letters, idempotency keys)",
+        503: "Not ready, or the event store failed",
     }
     return {str(code): _json(_ERROR, descriptions[code]) for code in codes}
 
@@ -42,6 +48,30 @@ _NAME = {
     "required": True,
     "description": "Process name (percent-encoded).",
     "schema": {"type": "string", "minLength": 1},
+}
+_EVENT_ID = {
+    "name": "event_id",
+    "in": "path",
+    "required": True,
+    "description": "The dead letter's event id.",
+    "schema": {"type": "string", "minLength": 1},
+}
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": (
+        "Accept this event once: a key this process accepted within its idempotency_ttl answers the first "
+        "event's 202 (with Idempotent-Replayed: true) and queues nothing; with another body it is 422."
+    ),
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7E]+$"},
+}
+_LIMIT = {
+    "name": "limit",
+    "in": "query",
+    "required": False,
+    "description": "How many of the newest dead letters to list (oldest first).",
+    "schema": {"type": "integer", "minimum": 1, "maximum": MAX_DEAD_LETTER_LIMIT, "default": 100},
 }
 _GUARDED = (401, 403, 421, 500)
 
@@ -67,6 +97,14 @@ def _lifecycle(action: str, status: str, changed: bool) -> dict[str, Any]:
         required.append("changed")
     schema = {"type": "object", "properties": properties, "required": required}
     return {"post": _operation(f"{action}Process", f"{action.capitalize()} a process", "200", schema, 404, params=True)}
+
+
+def _dead_letter_answer(status: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {"status": {"const": status}, "event_id": {"type": "string"}, "process": {"type": "string"}},
+        "required": ["status", "event_id", "process"],
+    }
 
 
 @lru_cache(maxsize=64)
@@ -112,8 +150,34 @@ def _document(root_path: str) -> dict[str, Any]:
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Event"}}},
         "required": False,
     }
-    inject = _operation("injectEvent", "Inject an event", "202", injected, 400, 404, 413, 429, params=True)
+    inject = _operation(
+        "injectEvent", "Inject an event", "202", injected, 400, 404, 413, 422, 429, 501, 503, params=True
+    )
     inject["requestBody"] = event_body
+    inject["parameters"] = [_NAME, _IDEMPOTENCY_KEY]
+    inject["responses"]["202"]["headers"] = {
+        "Idempotent-Replayed": {
+            "description": "`true` when this answer repeats the one given to an earlier request with the same key.",
+            "schema": {"type": "string", "enum": ["true"]},
+        }
+    }
+    dead_letter_list = {
+        "type": "object",
+        "properties": {
+            "process": {"type": "string"},
+            "dead_letters": {"type": "array", "items": {"$ref": "#/components/schemas/DeadLetter"}},
+        },
+        "required": ["process", "dead_letters"],
+    }
+    list_dead = _operation("listDeadLetters", "List a process's dead letters", "200", dead_letter_list, 400, 404, 501)
+    list_dead["parameters"] = [_NAME, _LIMIT]
+    requeued = _dead_letter_answer("queued")
+    retry_dead = _operation("retryDeadLetter", "Queue a dead letter again", "202", requeued, 404, 409, 429, 501, 503)
+    retry_dead["parameters"] = [_NAME, _EVENT_ID]
+    delete_dead = _operation(
+        "deleteDeadLetter", "Delete a dead letter", "200", _dead_letter_answer("deleted"), 404, 501
+    )
+    delete_dead["parameters"] = [_NAME, _EVENT_ID]
     probe = {"type": "object", "properties": {"status": {"type": "string"}}, "required": ["status"]}
     return {
         "openapi": "3.1.0",
@@ -132,6 +196,9 @@ def _document(root_path: str) -> dict[str, Any]:
             "/processes/{name}/stop": _lifecycle("stop", "stopped", changed=True),
             "/processes/{name}/restart": _lifecycle("restart", "restarted", changed=False),
             "/processes/{name}/event": {"post": inject},
+            "/processes/{name}/dead-letters": {"get": list_dead},
+            "/processes/{name}/dead-letters/{event_id}/retry": {"post": retry_dead},
+            "/processes/{name}/dead-letters/{event_id}": {"delete": delete_dead},
             "/changes": {"get": _changes_operation()},
             "/metrics": {
                 "get": {
@@ -153,6 +220,18 @@ def _document(root_path: str) -> dict[str, Any]:
                     "type": "object",
                     "properties": {"error": {"type": "string"}},
                     "required": ["error"],
+                },
+                "DeadLetter": {
+                    "type": "object",
+                    "properties": {
+                        "event_id": {"type": "string"},
+                        "event": {"type": "object"},
+                        "attempts": {"type": "integer", "minimum": 0},
+                        "reason": {"enum": ["error", "interrupted"]},
+                        "error": {"type": ["string", "null"]},
+                        "dead_at": {"type": "string"},
+                    },
+                    "required": ["event_id", "event", "attempts", "reason", "error", "dead_at"],
                 },
                 "Event": {
                     "type": "object",

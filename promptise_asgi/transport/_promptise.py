@@ -11,6 +11,7 @@ Differences handled, as found in `promptise` 1.10.1:
   `ValueError`); `start_process`/`stop_process` return `None`, so "changed" is read from the states.
 - `stop_process` on a never-started (`created`) process moves it to `stopped`: reported as unchanged.
 - `AgentProcess.inject` on a full queue (1000 events, fixed) does not raise: it dead-letters the event.
+- It has no event store: no idempotency keys, and its in-memory `dead_letters` list is its own business.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import importlib
 from typing import Any
 
 from .._errors import QueueFullError
-from ._shape import RuntimeLike
+from ._shape import RuntimeLike, StoreProcess
 
 __all__ = [
     "event_id_of",
@@ -31,6 +32,7 @@ __all__ = [
     "start_process",
     "state_name",
     "stop_process",
+    "store_process",
 ]
 
 # States in which a process is already up; promptise allows no transition to "starting" from any of them.
@@ -180,6 +182,17 @@ async def inject(process: Any, event: Any) -> None:
         letters = process.dead_letters
         if letters and letters[-1]["event"] is event and letters[-1]["reason"] == "queue full":
             raise QueueFullError(str(process.name), _PROMPTISE_MAX_QUEUE)
+
+
+def store_process(process: Any) -> StoreProcess | None:
+    """Return `process` if its events live in an event store (dead letters, idempotency keys), else None.
+
+    Args:
+        process: a process of any runtime.
+    """
+    if is_promptise(process) or not isinstance(process, StoreProcess):
+        return None
+    return process
 
 
 def queue_full_retry_after(exc: BaseException) -> float | None:

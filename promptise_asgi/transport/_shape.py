@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["ClosableRuntime", "ObservableRuntime", "ProcessLike", "RuntimeLike"]
+__all__ = ["ClosableRuntime", "ObservableRuntime", "ProcessLike", "RuntimeLike", "StoreProcess"]
 
 
 @runtime_checkable
@@ -63,3 +63,18 @@ class ObservableRuntime(Protocol):
     """A runtime that tells observers of processes added and removed and of state changes (the built-in one)."""
 
     def add_observer(self, observer: Callable[[str, dict[str, Any]], None]) -> Callable[[], None]: ...
+
+
+@runtime_checkable
+class StoreProcess(Protocol):
+    """A process whose events live in an event store (the built-in runtime's): it takes idempotency keys and
+    keeps dead letters. The real `promptise` runtime owns its queue and has none of this."""
+
+    async def inject(self, event: Any, *, idempotency_key: str | None = None, fingerprint: str | None = None) -> str:
+        """Queue an event once per key; returns the id of the event the key belongs to."""
+
+    async def list_dead_letters(self, limit: int = 100) -> list[dict[str, Any]]: ...
+
+    async def retry_dead_letter(self, event_id: str) -> bool: ...
+
+    async def delete_dead_letter(self, event_id: str) -> bool: ...
