@@ -10,6 +10,7 @@ a test keeps it in step with `--help`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import shutil
@@ -86,9 +87,7 @@ def _interrupted(command: str) -> int:
 
 
 def _backend_options() -> dict[str, Any]:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("uvloop") is None:
         return {}
     return {"backend_options": {"use_uvloop": True}}
 

@@ -9,6 +9,7 @@ the apps served. Nothing here imports uvicorn until `uvicorn_protocol()` is call
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -154,9 +155,7 @@ def uvicorn_protocol(limits: ServerLimits) -> type[asyncio.Protocol]:
     Pass it as `uvicorn.Config(http=...)`, with `uvicorn_options(limits)`.
     """
     base: type[asyncio.Protocol]
-    try:
-        import httptools  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("httptools") is None:
         from uvicorn.protocols.http.h11_impl import H11Protocol
 
         base = H11Protocol
