@@ -1,0 +1,439 @@
+"""The coordinator at 10,000 nodes (SPEC 16): heartbeat digests instead of polls, pages of the node table
+that hold under concurrent joins and leaves, and a table kept from etcd's watch instead of a listing per round."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from etcd_server import EtcdServer, TcpProxy
+from support import CountingTransport, counting_black_hole, dead_url, wait_for, wait_for_async
+
+from promptise_asgi._changes import Change
+from promptise_asgi.coordinator import RuntimeCoordinator, create_coordinator_app
+from promptise_asgi.coordinator._digest import Digest, parse_digest
+from promptise_asgi.discovery import CoordinatorDiscovery, RegistryDiscovery
+from promptise_asgi.etcd import EtcdDiscovery
+from promptise_asgi.runtime import AgentRuntime, ProcessConfig
+from promptise_asgi.transport import AppServer, RuntimeTransport
+
+BASE = "http://127.0.0.1"
+DIGEST = {"process_count": 2, "processes": [{"name": "a", "state": "running", "queue_size": 3},
+                                             {"name": "b", "state": "stopped"}]}  # fmt: skip
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def app_client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url=BASE)
+
+
+async def drain(coordinator: RuntimeCoordinator, subscription: Any) -> list[Change]:
+    """The changes published so far (after the snapshot), without waiting for more."""
+    changes: list[Change] = []
+    while True:
+        with anyio.move_on_after(0.05):
+            changes.append(await subscription.receive())
+            continue
+        return [c for c in changes if c.type != "snapshot"]
+
+
+# -- digests --------------------------------------------------------------------------------------------------
+
+
+class TestDigestRoute:
+    async def test_a_digest_makes_the_node_healthy_with_its_processes(self) -> None:
+        coordinator = RuntimeCoordinator()
+        coordinator.register_node("n1", dead_url())
+        async with app_client(create_coordinator_app(coordinator)) as client, coordinator.changes() as changes:
+            answer = await client.post("/cluster/nodes/n1/heartbeat", json=DIGEST)
+            assert answer.json() == {"status": "ok", "node_id": "n1"}
+            entry = (await client.get("/cluster/status")).json()["nodes"]["n1"]
+            published = await drain(coordinator, changes)
+        assert entry["status"] == "healthy" and entry["process_count"] == 2
+        assert entry["processes"] == DIGEST["processes"]
+        assert entry["health"] == {"status": "healthy", "node_id": "n1", "process_count": 2}
+        assert isinstance(entry["last_heartbeat"], float)
+        assert [(c.type, c.data) for c in published] == [
+            ("node.health", {"node_id": "n1", "healthy": True, "missed_check": False, "process_count": 2, "error": ""}),
+            ("node.processes", {"node_id": "n1", "processes": [{"name": "a", "state": "running"},
+                                                               {"name": "b", "state": "stopped"}]}),
+        ]  # fmt: skip
+        await coordinator.aclose()
+
+    async def test_an_empty_heartbeat_carries_no_digest(self) -> None:
+        coordinator = RuntimeCoordinator()
+        coordinator.register_node("n1", dead_url())
+        async with app_client(create_coordinator_app(coordinator)) as client:
+            assert (await client.post("/cluster/nodes/n1/heartbeat")).status_code == 200
+            assert (await client.post("/cluster/nodes/n1/heartbeat", json={})).status_code == 200
+        assert coordinator.get_node("n1").status == "unknown" and coordinator.get_node("n1").last_heartbeat is None
+
+    @pytest.mark.parametrize(
+        ("body", "code", "error"),
+        [
+            (b"nope", 400, "Invalid JSON body"),
+            (b"[1]", 400, "Body must be a JSON object"),
+            ({"process_count": -1}, 422, "process_count must be a non-negative integer"),
+            ({"process_count": True}, 422, "process_count must be a non-negative integer"),
+            ({"process_count": "2"}, 422, "process_count must be a non-negative integer"),
+            ({"processes": "a"}, 422, "processes must be a list of {name, state, queue_size} objects"),
+            ({"processes": [1]}, 422, "processes must be a list of {name, state, queue_size} objects"),
+            ({"processes": [{"name": "", "state": "x"}]}, 422, "each process needs a non-empty text name"),
+            ({"processes": [{"name": "a"}]}, 422, "each process needs a non-empty text name and a text state"),
+            ({"processes": [{"name": "a", "state": "x", "queue_size": 1.5}]}, 422, "queue_size must be"),
+            ({"uptime": 3}, 422, "a digest needs process_count or processes"),
+        ],
+    )
+    async def test_a_malformed_digest_is_refused_and_changes_nothing(self, body: Any, code: int, error: str) -> None:
+        coordinator = RuntimeCoordinator()
+        coordinator.register_node("n1", dead_url())
+        async with app_client(create_coordinator_app(coordinator)) as client:
+            if isinstance(body, bytes):
+                response = await client.post("/cluster/nodes/n1/heartbeat", content=body)
+            else:
+                response = await client.post("/cluster/nodes/n1/heartbeat", json=body)
+        assert response.status_code == code
+        assert response.json()["error"].startswith(error)
+        assert coordinator.get_node("n1").status == "unknown"
+
+    async def test_an_oversized_digest_is_413_and_an_unknown_node_404(self) -> None:
+        coordinator = RuntimeCoordinator(max_digest_bytes=1024)
+        coordinator.register_node("n1", dead_url())
+        big = {"processes": [{"name": f"p{i}", "state": "running"} for i in range(100)]}
+        async with app_client(create_coordinator_app(coordinator)) as client:
+            response = await client.post("/cluster/nodes/n1/heartbeat", json=big)
+            unknown = await client.post("/cluster/nodes/ghost/heartbeat", json=DIGEST)
+        assert (response.status_code, response.json()) == (413, {"error": "Body larger than 1024 bytes"})
+        assert (unknown.status_code, unknown.json()) == (404, {"error": "Node 'ghost' not registered"})
+        assert coordinator.get_node("n1").status == "unknown"
+        with pytest.raises(ValueError, match="max_digest_bytes"):
+            RuntimeCoordinator(max_digest_bytes=0)
+
+    def test_parse_digest(self) -> None:
+        assert parse_digest({}) is None
+        assert parse_digest({"process_count": 3}) == Digest(3, None)
+        assert parse_digest({"processes": [{"name": "a", "state": "s", "x": 1}], "v": 2}) == Digest(
+            1, [{"name": "a", "state": "s"}]
+        )
+
+
+class TestDigestsInsteadOfPolls:
+    async def test_a_fresh_digest_is_not_polled_and_heartbeats_that_stop_turn_the_node_unhealthy(self) -> None:
+        clock = FakeClock()
+        coordinator = RuntimeCoordinator(health_check_interval=15, node_timeout=45, request_timeout=0.2, clock=clock)
+        with counting_black_hole() as (silent, connections):
+            coordinator.register_node("n1", silent)
+            async with coordinator.changes() as changes:
+                assert await coordinator.accept_heartbeat("n1", Digest(1, [{"name": "w", "state": "running"}]))
+                # Fresh (younger than health_check_interval): healthy from the heartbeat, never polled.
+                for _ in range(3):
+                    clock.now += 4
+                    status = await coordinator.cluster_status()
+                    await coordinator.check_health(processes=True)
+                assert connections() == 0
+                assert status["nodes"]["n1"]["status"] == "healthy" and status["total_processes"] == 1
+                # Heartbeats stop: once the digest is stale the node is polled, and the black hole costs one
+                # request_timeout per check; inside node_timeout of the last heartbeat it stays healthy, flagged.
+                clock.now += 4  # 16 s after the last heartbeat
+                await coordinator.check_health()
+                assert connections() == 1
+                info = coordinator.get_node("n1")
+                assert info.status == "healthy" and info.missed_checks == 1
+                clock.now += 30  # 46 s after the last heartbeat: node_timeout passed
+                await coordinator.check_health()
+                assert info.status == "unhealthy" and connections() == 2
+                assert (await coordinator.cluster_status())["healthy_nodes"] == 0
+                # It heartbeats again: healthy at once, and polled no more.
+                await coordinator.accept_heartbeat("n1", Digest(1))
+                await coordinator.check_health()
+                assert info.status == "healthy" and info.missed_checks == 0 and connections() == 3
+                published = await drain(coordinator, changes)
+        verdicts = [(c.data["healthy"], c.data["missed_check"]) for c in published if c.type == "node.health"]
+        assert verdicts == [(True, False), (True, True), (False, True), (True, False)]
+        await coordinator.aclose()
+
+    async def test_a_heartbeat_without_a_digest_leaves_the_node_to_its_polls(self) -> None:
+        coordinator = RuntimeCoordinator(request_timeout=0.2)
+        with counting_black_hole() as (silent, connections):
+            coordinator.register_node("n1", silent)
+            assert await coordinator.accept_heartbeat("n1")
+            await coordinator.check_health()
+            assert connections() == 1 and coordinator.get_node("n1").status == "unhealthy"
+        await coordinator.aclose()
+
+    async def test_digests_keep_the_totals_and_the_process_list_current(self) -> None:
+        coordinator = RuntimeCoordinator()
+        coordinator.register_node("a", dead_url())
+        coordinator.register_node("b", dead_url())
+        async with coordinator.changes() as changes:
+            await coordinator.accept_heartbeat("a", Digest(2, [{"name": "x", "state": "running", "queue_size": 1}]))
+            await coordinator.accept_heartbeat("b", Digest(3))
+            # A queue size alone is not a change of processes; a state is.
+            await coordinator.accept_heartbeat("a", Digest(2, [{"name": "x", "state": "running", "queue_size": 9}]))
+            await coordinator.accept_heartbeat("a", Digest(2, [{"name": "x", "state": "stopped", "queue_size": 0}]))
+            published = [c.data["processes"] for c in await drain(coordinator, changes) if c.type == "node.processes"]
+        assert published == [[{"name": "x", "state": "running"}], [{"name": "x", "state": "stopped"}]]
+        assert coordinator.get_node("a").processes == [{"name": "x", "state": "stopped", "queue_size": 0}]
+        status = coordinator.table_status()
+        assert (status["total_nodes"], status["healthy_nodes"], status["total_processes"]) == (2, 2, 5)
+        coordinator.unregister_node("b")
+        status = coordinator.table_status()
+        assert (status["total_nodes"], status["healthy_nodes"], status["total_processes"]) == (1, 1, 2)
+        await coordinator.aclose()
+
+
+@asynccontextmanager
+async def served_coordinator(coordinator: RuntimeCoordinator) -> AsyncIterator[str]:
+    server = AppServer(create_coordinator_app(coordinator), port=0)
+    await server.start()
+    try:
+        yield server.url
+    finally:
+        await server.stop()
+
+
+class TestSelfRegistrationDigests:
+    async def test_a_node_sends_digests_and_follows_the_coordinators_heartbeat_interval(self) -> None:
+        # A long ttl and a short health_check_interval: the node must heartbeat as the coordinator asks
+        # (2/3 of 0.3 s), not every ttl/3, for its digest to stay fresh.
+        coordinator = RuntimeCoordinator(discovery=RegistryDiscovery(ttl=60), health_check_interval=0.3)
+        runtime = AgentRuntime()
+        await runtime.add_process("worker", ProcessConfig())
+        async with served_coordinator(coordinator) as url, CoordinatorDiscovery(url) as discovery:
+            async with coordinator.changes() as changes:
+                async with RuntimeTransport(runtime, port=0, node_id="n1", discovery=discovery) as node:
+                    await wait_for(lambda: "n1" in coordinator.nodes and coordinator.nodes["n1"].processes is not None)
+                    info = coordinator.get_node("n1")
+                    assert node.app.state.node.registration.interval == pytest.approx(0.2)
+                    assert info.status == "healthy" and info.last_heartbeat is not None
+                    assert info.processes == [{"name": "worker", "state": "running", "queue_size": 0}]
+                    await runtime.stop_process("worker")
+                    await wait_for(lambda: info.processes == [{"name": "worker", "state": "stopped", "queue_size": 0}])
+                    beats = info.last_heartbeat
+                    await wait_for(lambda: info.last_heartbeat != beats, what="another heartbeat")
+                published = await drain(coordinator, changes)
+        processes = [c.data["processes"] for c in published if c.type == "node.processes"]
+        assert processes[:2] == [[{"name": "worker", "state": "running"}], [{"name": "worker", "state": "stopped"}]]
+        await coordinator.aclose()
+
+    async def test_a_coordinator_that_refuses_a_large_digest_gets_the_count(self) -> None:
+        coordinator = RuntimeCoordinator(max_digest_bytes=200)
+        runtime = AgentRuntime()
+        for i in range(10):
+            await runtime.add_process(f"process-with-a-long-name-{i}", ProcessConfig())
+        async with served_coordinator(coordinator) as url, CoordinatorDiscovery(url) as discovery:
+            async with RuntimeTransport(runtime, port=0, node_id="n1", discovery=discovery, heartbeat_interval=0.05):
+                await wait_for(lambda: "n1" in coordinator.nodes and coordinator.nodes["n1"].last_heartbeat is not None)
+                info = coordinator.get_node("n1")
+                assert info.process_count == 10 and info.processes is None and info.status == "healthy"
+        await coordinator.aclose()
+
+
+# -- pages ----------------------------------------------------------------------------------------------------
+
+
+async def all_pages(client: httpx.AsyncClient, path: str, limit: int, **params: str) -> list[str]:
+    seen: list[str] = []
+    after = ""
+    while True:
+        answer = (await client.get(path, params={"limit": limit, "after": after, **params})).json()
+        listed = answer["nodes"]
+        seen += [n["node_id"] for n in listed] if isinstance(listed, list) else list(listed)
+        if answer["next"] is None:
+            return seen
+        after = answer["next"]
+
+
+class TestPages:
+    async def test_pages_list_every_node_once_in_id_order(self) -> None:
+        coordinator = RuntimeCoordinator()
+        ids = [f"n{i:04d}" for i in range(250)]
+        for node_id in random.Random(7).sample(ids, len(ids)):
+            coordinator.register_node(node_id, "http://127.0.0.1:9", {"zone": "Eu-West" if node_id < "n0100" else "us"})
+        async with app_client(create_coordinator_app(coordinator)) as client:
+            assert await all_pages(client, "/cluster/nodes", 100) == ids
+            assert await all_pages(client, "/cluster/nodes", 7) == ids
+            first = (await client.get("/cluster/nodes")).json()
+            assert (first["count"], first["total"], first["next"]) == (100, 250, "n0099")
+            last = (await client.get("/cluster/nodes", params={"limit": 50, "after": "n0199"})).json()
+            assert last["count"] == 50 and last["next"] is None
+            # Filters: a metadata value or an id, case-insensitive.
+            assert await all_pages(client, "/cluster/nodes", 30, q="eu-WEST") == ids[:100]
+            assert await all_pages(client, "/cluster/nodes", 30, q="N012") == ids[120:130]
+            assert await all_pages(client, "/cluster/nodes", 30, health="healthy") == []
+            assert len(await all_pages(client, "/cluster/nodes", 1000, health="unknown")) == 250
+
+    async def test_status_pages_count_every_node_and_check_only_their_own(self) -> None:
+        coordinator = RuntimeCoordinator(request_timeout=0.2)
+        with counting_black_hole() as (silent, connections):
+            for i in range(20):
+                coordinator.register_node(f"n{i:02d}", silent)
+            for i in range(10, 20):
+                await coordinator.accept_heartbeat(f"n{i:02d}", Digest(1))
+            async with app_client(create_coordinator_app(coordinator)) as client:
+                page = (await client.get("/cluster/status", params={"limit": 5, "after": "n12"})).json()
+                assert list(page["nodes"]) == ["n13", "n14", "n15", "n16", "n17"] and page["next"] == "n17"
+                assert connections() == 0  # every node of that page has a fresh digest
+                assert (page["total_nodes"], page["healthy_nodes"], page["total_processes"]) == (20, 10, 10)
+                page = (await client.get("/cluster/status", params={"limit": 3})).json()
+                assert list(page["nodes"]) == ["n00", "n01", "n02"] and connections() == 3
+                assert await all_pages(client, "/cluster/status", 6) == [f"n{i:02d}" for i in range(20)]
+                whole = (await client.get("/cluster/status")).json()
+                assert "next" not in whole and len(whole["nodes"]) == 20
+        await coordinator.aclose()
+
+    @pytest.mark.parametrize(
+        ("path", "params", "error"),
+        [
+            ("/cluster/nodes", {"limit": "0"}, "limit must be an integer from 1 to 1000"),
+            ("/cluster/nodes", {"limit": "1001"}, "limit must be an integer from 1 to 1000"),
+            ("/cluster/nodes", {"limit": "ten"}, "limit must be an integer from 1 to 1000"),
+            ("/cluster/nodes", {"limit": "-5"}, "limit must be an integer from 1 to 1000"),
+            ("/cluster/nodes", {"after": "-bad"}, "after must be a node id"),
+            ("/cluster/nodes", {"health": "sick"}, "health must be one of healthy, unhealthy, unknown, missed_check"),
+            ("/cluster/nodes", {"q": "x" * 300}, "q must be text of at most 256 characters"),
+            ("/cluster/status", {"limit": "5000"}, "limit must be an integer from 1 to 1000"),
+            ("/cluster/status", {"limit": "2", "after": "a b"}, "after must be a node id"),
+        ],
+    )
+    async def test_bad_page_parameters_are_400(self, path: str, params: dict[str, str], error: str) -> None:
+        async with app_client(create_coordinator_app(RuntimeCoordinator())) as client:
+            response = await client.get(path, params=params)
+        assert response.status_code == 400 and response.json()["error"].startswith(error)
+
+    async def test_page_arguments_are_checked_in_process_too(self) -> None:
+        coordinator = RuntimeCoordinator()
+        with pytest.raises(ValueError, match="limit"):
+            await coordinator.cluster_status(limit=0)
+        with pytest.raises(ValueError, match="health"):
+            await coordinator.node_page(health="bad")
+
+    async def test_every_node_exactly_once_while_nodes_join_and_leave(self) -> None:
+        rng = random.Random(16)
+        coordinator = RuntimeCoordinator()
+        # Nodes that stay the whole time, and nodes that come and go, spread over the same id space.
+        stable = {f"node-{i:05d}" for i in range(0, 3000, 2)}
+        churn = [f"node-{i:05d}" for i in range(1, 3000, 2)]
+        for node_id in sorted(stable) + churn[:500]:
+            coordinator.register_node(node_id, "http://127.0.0.1:9")
+        ever_present = set(coordinator.nodes)
+        app = create_coordinator_app(coordinator)
+
+        async def come_and_go(client: httpx.AsyncClient) -> None:
+            for _ in range(20):
+                node_id = rng.choice(churn)
+                if node_id in coordinator.nodes:
+                    assert (await client.delete(f"/cluster/nodes/{node_id}")).status_code == 200
+                else:
+                    ever_present.add(node_id)
+                    body = {"node_id": node_id, "url": "http://127.0.0.1:9"}
+                    assert (await client.post("/cluster/nodes", json=body)).status_code == 200
+
+        for path, limit in (("/cluster/nodes", 37), ("/cluster/status", 101), ("/cluster/nodes", 1000)):
+            seen: list[str] = []
+            after = ""
+            async with app_client(app) as client:
+                while True:
+                    page = client.get(path, params={"limit": limit, "after": after})
+                    # Joins and leaves through the API, between and during page reads.
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(come_and_go, client)
+                        answer = (await page).json()
+                    seen += (
+                        list(answer["nodes"]) if path == "/cluster/status" else [n["node_id"] for n in answer["nodes"]]
+                    )
+                    if answer["next"] is None:
+                        break
+                    after = answer["next"]
+            assert len(seen) == len(set(seen)), "a node was listed twice"
+            assert seen == sorted(seen)
+            assert stable <= set(seen), "a node present throughout was missed"
+            assert set(seen) <= ever_present
+
+
+# -- the table kept from etcd's watch ---------------------------------------------------------------------------
+
+
+@pytest.mark.etcd
+@pytest.mark.slow
+async def test_an_etcd_coordinator_keeps_its_table_from_the_watch_not_from_listings(etcd: EtcdServer) -> None:
+    prefix = f"/test/{uuid.uuid4().hex}/"
+    proxy = TcpProxy(etcd.client_port)
+    counted = CountingTransport()
+
+    def listings() -> int:
+        return counted.paths.get("/v3/kv/range", 0)
+
+    async def table_is(expected: set[str]) -> None:
+        await wait_for(lambda: set(coordinator.nodes) == expected, what=f"the table to be {sorted(expected)}")
+
+    url = dead_url()  # the nodes are polled; what matters here is the table
+    async with anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        async with (
+            EtcdDiscovery(etcd.url, prefix=prefix) as registrar,
+            EtcdDiscovery(proxy.url, prefix=prefix, transport=counted) as watched,
+        ):
+            watched.watch_backoff = (0.05, 0.2)
+            await registrar.register("n1", url)
+            await registrar.register("n2", url, {"v": 1})
+            coordinator = RuntimeCoordinator(discovery=watched, health_check_interval=0.05, request_timeout=1)
+            async with coordinator:
+                await table_is({"n1", "n2"})
+                assert listings() == 1  # one reading of the registry at the start
+                for _ in range(5):  # rounds and on-demand status list nothing while the watch runs
+                    await coordinator.check_health()
+                    await coordinator.sync_discovery()
+                    await coordinator.cluster_status()
+                await registrar.register("n3", url)
+                await registrar.register("n2", url, {"v": 2})
+                await registrar.unregister("n1")
+                await table_is({"n2", "n3"})
+                await wait_for(lambda: coordinator.get_node("n2").metadata == {"v": 2})
+                assert listings() == 1
+
+                # The stream is lost: the watch resumes at the next revision, with no listing at all.
+                proxy.drop()
+                await wait_for_async(lambda: _discovery_down(coordinator), what="status to show etcd out of reach")
+                await registrar.register("n4", url)
+                await registrar.unregister("n2")
+                proxy.allow()
+                await table_is({"n3", "n4"})
+                await wait_for_async(lambda: _discovery_up(coordinator), what="status to show etcd back")
+                assert listings() == 1
+
+                # A gap the watch cannot bridge (the revisions it needs were compacted): one listing.
+                proxy.drop()
+                await registrar.register("n5", url)
+                await registrar.unregister("n3")
+                async with httpx.AsyncClient(base_url=etcd.url) as etcd_client:
+                    read = await etcd_client.post("/v3/kv/range", json={"key": "Lw=="})  # any key: for the revision
+                    revision = read.json()["header"]["revision"]
+                    compaction = {"revision": revision, "physical": True}
+                    assert (await etcd_client.post("/v3/kv/compaction", json=compaction)).status_code == 200
+                proxy.allow()
+                await table_is({"n4", "n5"})
+                assert listings() == 2
+            await coordinator.aclose()
+        tg.cancel_scope.cancel()
+
+
+async def _discovery_down(coordinator: RuntimeCoordinator) -> bool:
+    return (await coordinator.cluster_status())["discovery"]["ok"] is False
+
+
+async def _discovery_up(coordinator: RuntimeCoordinator) -> bool:
+    return (await coordinator.cluster_status())["discovery"]["ok"] is True
