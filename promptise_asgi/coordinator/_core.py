@@ -126,6 +126,8 @@ class RuntimeCoordinator:
         self._clock = clock
         self._table = NodeTable()
         self._nodes = self._table.by_id  # read-only: the table changes only through its own methods
+        # Asked once: a Protocol isinstance check costs more than the registry's heartbeat itself.
+        self._heartbeats = discovery if isinstance(discovery, SupportsHeartbeat) else None
         self._backend = None if discovery is None else BackendLink(
             discovery,
             self.discovery_timeout,
@@ -252,8 +254,8 @@ class RuntimeCoordinator:
         Raises:
             DiscoveryUnavailableError: the discovery backend failed or did not answer in time.
         """
-        if isinstance(self.discovery, SupportsHeartbeat) and self._backend is not None:
-            known: bool = await self._backend.call(self.discovery.heartbeat(node_id))
+        if self._heartbeats is not None and self._backend is not None:
+            known: bool = await self._backend.call(self._heartbeats.heartbeat(node_id))
         else:
             known = node_id in self._nodes
         if known and digest is not None:

@@ -9,7 +9,7 @@ page never walks the whole table. Knows nothing of HTTP, of discovery backends o
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right, insort
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -222,12 +222,6 @@ class NodeTable:
 
     def __len__(self) -> int:
         return len(self._nodes)
-
-    def __contains__(self, node_id: object) -> bool:
-        return node_id in self._nodes
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._nodes)
 
     def get(self, node_id: str) -> NodeInfo | None:
         """The node's entry, or None."""
