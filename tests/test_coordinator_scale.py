@@ -16,12 +16,14 @@ from etcd_server import EtcdServer, TcpProxy
 from support import CountingTransport, counting_black_hole, dead_url, wait_for, wait_for_async
 
 from promptise_asgi._changes import Change
+from promptise_asgi.client import CoordinatorClient
 from promptise_asgi.coordinator import RuntimeCoordinator, create_coordinator_app
 from promptise_asgi.coordinator._digest import Digest, parse_digest
-from promptise_asgi.discovery import CoordinatorDiscovery, RegistryDiscovery
+from promptise_asgi.discovery import CoordinatorDiscovery, DiscoveredNode, NodeChange, RegistryDiscovery
 from promptise_asgi.etcd import EtcdDiscovery
 from promptise_asgi.runtime import AgentRuntime, ProcessConfig
 from promptise_asgi.transport import AppServer, RuntimeTransport
+from promptise_asgi.transport._registration import SelfRegistration
 
 BASE = "http://127.0.0.1"
 DIGEST = {"process_count": 2, "processes": [{"name": "a", "state": "running", "queue_size": 3},
@@ -437,3 +439,168 @@ async def _discovery_down(coordinator: RuntimeCoordinator) -> bool:
 
 async def _discovery_up(coordinator: RuntimeCoordinator) -> bool:
     return (await coordinator.cluster_status())["discovery"]["ok"] is True
+
+
+# -- following a watch: what happens when it cannot ----------------------------------------------------------
+
+
+class Watchable(RegistryDiscovery):
+    """An in-process registry with a watch the test feeds by hand, which can fail, end, or predate `known`."""
+
+    def __init__(self, mode: str = "ok") -> None:
+        super().__init__(ttl=60)
+        self.mode = mode
+        self.discovers = 0
+        self.watches: list[list[DiscoveredNode] | None] = []
+        self.send, self.receive = anyio.create_memory_object_stream[NodeChange](100)
+        self.watch_error: str | None = None
+
+    async def discover(self) -> list[DiscoveredNode]:
+        self.discovers += 1
+        return await super().discover()
+
+    def close(self) -> None:
+        self.send.close()
+        self.receive.close()
+
+    def watch(  # type: ignore[override]
+        self, *, include_existing: bool = False, known: Any = None
+    ) -> AsyncIterator[NodeChange]:
+        if self.mode == "old":
+            raise TypeError("watch() got an unexpected keyword argument 'known'")
+        self.watches.append(None if known is None else list(known))
+        return self._changes()
+
+    async def _changes(self) -> AsyncIterator[NodeChange]:
+        if self.mode == "fails":
+            self.mode = "ok"  # once
+            raise OSError("watch refused")
+        while True:
+            change = await self.receive.receive()
+            if change.kind == "leave" and change.node_id == "end-of-watch":
+                return
+            yield change
+
+
+class TestFollowingAWatch:
+    async def test_joins_and_leaves_reach_the_table_and_rounds_list_nothing(self) -> None:
+        backend = Watchable()
+        coordinator = RuntimeCoordinator(discovery=backend, health_check_interval=0.05, request_timeout=0.5)
+        coordinator.register_node("pinned", dead_url())
+        async with coordinator:
+            await backend.send.send(NodeChange("join", "w1", DiscoveredNode("w1", dead_url())))
+            await backend.send.send(NodeChange("join", "bad", DiscoveredNode("bad", "http://169.254.169.254")))
+            await wait_for(lambda: "w1" in coordinator.nodes)
+            await backend.send.send(NodeChange("leave", "pinned"))  # registered in process: it stays
+            await backend.send.send(NodeChange("leave", "w1"))
+            await wait_for(lambda: "w1" not in coordinator.nodes)
+            for _ in range(3):
+                await coordinator.check_health()
+            assert backend.discovers == 0 and set(coordinator.nodes) == {"pinned"}
+            # The backend says its watch cannot reach the registry: status says so, and when it can again.
+            backend.watch_error = "etcd unavailable"
+            assert (await coordinator.cluster_status())["discovery"]["ok"] is False
+            backend.watch_error = None
+            assert (await coordinator.cluster_status())["discovery"]["ok"] is True
+            # The watch ends: rounds list the backend until the watch runs again, from the table's picture.
+            await backend.send.send(NodeChange("leave", "end-of-watch"))
+            await wait_for(lambda: backend.discovers > 0, what="a round to list the backend")
+            await wait_for(lambda: len(backend.watches) == 2, what="the watch to start again")
+        backend.close()
+        assert backend.watches[0] == []
+
+    @pytest.mark.parametrize("mode", ["fails", "old"])
+    async def test_a_watch_that_fails_or_predates_known_falls_back_to_listing(self, mode: str) -> None:
+        backend = Watchable(mode)
+        await backend.register("d1", dead_url())
+        coordinator = RuntimeCoordinator(discovery=backend, health_check_interval=0.05, request_timeout=0.5)
+        async with coordinator:
+            await wait_for(lambda: "d1" in coordinator.nodes, what="a listing to bring the node")
+            assert backend.discovers >= 1
+            if mode == "fails":
+                await wait_for(lambda: len(backend.watches) == 2, what="the watch to be tried again")
+        backend.close()
+
+
+# -- the client side of pages, and corners of the table ------------------------------------------------------
+
+
+class TestClientPages:
+    async def test_the_client_reads_every_page_and_one_page(self) -> None:
+        coordinator = RuntimeCoordinator()
+        for i in range(1500):
+            coordinator.register_node(f"n{i:04d}", "http://127.0.0.1:9", {"rack": "R7" if i % 100 == 0 else "r1"})
+        transport = httpx.ASGITransport(app=create_coordinator_app(coordinator))
+        async with CoordinatorDiscovery(BASE, transport=transport) as discovery:
+            listed = await discovery.discover()
+            assert [n.node_id for n in listed] == [f"n{i:04d}" for i in range(1500)]
+        async with CoordinatorClient(BASE, transport=transport) as client:
+            page = await client.node_page(limit=3, q="r7", after="n0100")
+            assert [n["node_id"] for n in page["nodes"]] == ["n0200", "n0300", "n0400"] and page["next"] == "n0400"
+            status = await client.cluster_status(limit=2)
+            assert list(status["nodes"]) == ["n0000", "n0001"] and status["total_nodes"] == 1500
+        await coordinator.aclose()
+
+    async def test_filters_by_health(self) -> None:
+        clock = FakeClock()
+        coordinator = RuntimeCoordinator(request_timeout=0.2, clock=clock)
+        for node_id in ("a", "b", "c", "d"):
+            coordinator.register_node(node_id, dead_url())
+        for node_id in ("a", "b", "c"):
+            await coordinator.accept_heartbeat(node_id, Digest(1))
+        clock.now += 20  # stale digests: the next check of "b" fails, inside node_timeout
+        await coordinator._health.check([coordinator.get_node("b")])
+        page = await coordinator.node_page(health="missed_check")
+        assert [n["node_id"] for n in page["nodes"]] == ["b"]
+        assert [n["node_id"] for n in (await coordinator.node_page(health="healthy", q=""))["nodes"]] == ["a", "b", "c"]
+        assert [n["node_id"] for n in (await coordinator.node_page(health="unknown"))["nodes"]] == ["d"]
+        await coordinator.aclose()
+
+
+class TestCorners:
+    async def test_a_digest_for_a_node_only_the_registry_knows_is_ignored(self) -> None:
+        registry = RegistryDiscovery(ttl=60)
+        coordinator = RuntimeCoordinator(discovery=registry)
+        await registry.register("elsewhere", dead_url())  # behind the coordinator's back
+        assert await coordinator.accept_heartbeat("elsewhere", Digest(1)) is True
+        assert "elsewhere" not in coordinator.nodes
+        coordinator.note_processes("ghost", [{"name": "x", "state": "y"}])  # no such node: nothing to do
+        await coordinator.aclose()
+
+    async def test_a_process_list_that_cannot_be_read_leaves_the_verdict(self) -> None:
+        async def health(request: Any) -> Any:
+            from starlette.responses import JSONResponse
+
+            return JSONResponse({"status": "healthy", "node_id": "n1", "process_count": 1})
+
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        node_app = Starlette(routes=[Route("/health", health)])
+        server = AppServer(node_app, port=0)
+        await server.start()
+        try:
+            coordinator = RuntimeCoordinator()
+            coordinator.register_node("n1", server.url)
+            await coordinator.check_health(processes=True)  # /processes answers 404
+            info = coordinator.get_node("n1")
+            assert info.status == "healthy" and info.processes is None
+            await coordinator.aclose()
+        finally:
+            await server.stop()
+
+    async def test_a_digest_that_cannot_be_built_still_heartbeats(self, caplog: pytest.LogCaptureFixture) -> None:
+        coordinator = RuntimeCoordinator()
+
+        def broken() -> dict[str, Any]:
+            raise RuntimeError("no status")
+
+        async with served_coordinator(coordinator) as url, CoordinatorDiscovery(url) as discovery:
+            registration = SelfRegistration(discovery, "n1", "http://127.0.0.1:9", interval=0.05, digest=broken)
+            await registration.start()
+            try:
+                await wait_for(lambda: "could not build the heartbeat digest" in caplog.text)
+                assert registration.registered and coordinator.get_node("n1").last_heartbeat is None
+            finally:
+                await registration.stop()
+        await coordinator.aclose()
