@@ -401,7 +401,9 @@ class RuntimeCoordinator:
             heartbeat), or `{"status": "unhealthy", "error": ...}`.
         """
         await self.sync_discovery()
-        return await self._health.check(self._table.values(), processes)
+        infos = self._table.values()
+        polled = await self._health.check(infos, processes)
+        return {info.node_id: polled.get(info.node_id) or info.health or {} for info in infos}
 
     def note_processes(self, node_id: str, processes: list[Any]) -> None:
         """Record what a node runs (from a check or a heartbeat digest) and announce a change of its processes'
@@ -469,10 +471,11 @@ class RuntimeCoordinator:
 
     def _summary(self, infos: list[NodeInfo], health: Mapping[str, dict[str, Any]] | None) -> dict[str, Any]:
         table = self._table
+        current = self._nodes
         nodes = {
-            info.node_id: {**info.to_dict(), "health": info.health if health is None else health.get(info.node_id)}
+            info.node_id: info.status_entry(info.health if health is None else health.get(info.node_id, info.health))
             for info in infos
-            if self._nodes.get(info.node_id) is info  # not one that left (or moved) while others were checked
+            if current.get(info.node_id) is info  # not one that left (or moved) while others were checked
         }
         status: dict[str, Any] = {
             "total_nodes": len(table),

@@ -62,19 +62,30 @@ class HealthKeeper:
         self._clock = clock
 
     async def check(self, infos: list[NodeInfo], processes: bool = False) -> dict[str, dict[str, Any]]:
-        """Poll those of `infos` without a fresh digest at once; return every one's health, polled or reported.
+        """Poll those of `infos` without a fresh digest at once.
 
         Args:
             infos: the nodes.
             processes: also read each healthy polled node's `/processes`, for `node.processes` changes.
+
+        Returns:
+            node id -> the answer (or error) of each node polled; a node not polled has its health in the table.
         """
         now = self._clock()
         results: dict[str, dict[str, Any]] = {}
+        stale_nodes = [info for info in infos if not info.digest_fresh(now, self._fresh_for)]
+        stale = iter(stale_nodes)
+
+        async def worker() -> None:
+            for info in stale:  # shared: each node is taken by one worker
+                await self._check_one(info, results, processes)
+
+        # As many workers as requests may be in flight, not a task per node: 10,000 tasks at once cost more
+        # than the checks they wait for. A silent node holds up one worker, never the others.
         async with anyio.create_task_group() as tg:
-            for info in infos:
-                if not info.digest_fresh(now, self._fresh_for):
-                    tg.start_soon(self._check_one, info, results, processes)
-        return {info.node_id: results.get(info.node_id) or info.health or {} for info in infos}
+            for _ in range(min(len(stale_nodes), int(self._limiter.total_tokens))):
+                tg.start_soon(worker)
+        return results
 
     async def _check_one(self, info: NodeInfo, results: dict[str, dict[str, Any]], processes: bool) -> None:
         before = info.health_fields()

@@ -141,6 +141,14 @@ class NodeInfo:
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (never the token)."""
+        entry = self.status_entry(None)
+        del entry["health"]
+        entry["metadata"] = dict(self.metadata)
+        return entry
+
+    def status_entry(self, health: dict[str, Any] | None) -> dict[str, Any]:
+        """`to_dict()` plus `"health"`, built in one go for a status of 10,000 nodes: serialize it at once (it
+        shares the node's metadata and process list rather than copying them)."""
         return {
             "node_id": self.node_id,
             "url": self.url,
@@ -153,7 +161,8 @@ class NodeInfo:
             "missed_checks": self.missed_checks,
             "last_error": self.last_error,
             "source": self.source,
-            "metadata": dict(self.metadata),
+            "metadata": self.metadata,
+            "health": health,
         }
 
 
