@@ -151,6 +151,13 @@ class SelfRegistration:
         self.state, self.last_error = "registered", None
         self._ever_registered = True
         self._trouble_since = self._logged = None
+        if self.digest is not None and isinstance(self.discovery, CoordinatorDiscovery):
+            # A digest at once: the coordinator takes this node's health from it instead of polling the node
+            # until the next heartbeat (at a coordinator restart, every node registers again at once).
+            try:
+                await self._heartbeat(self.discovery)
+            except Exception as exc:  # the registration stands; the next heartbeat tries again
+                logger.debug("node %s: first heartbeat failed: %s", self.node_id, exc)
         return True
 
     async def _beat(self) -> bool:
