@@ -37,7 +37,7 @@ from .._validation import (
     validate_node_id,
 )
 from ..client import NodeClient
-from ..discovery import DiscoveredNode, HasTTL, ProcessDiscovery, SupportsHeartbeat
+from ..discovery import DiscoveredNode, HasTTL, ProcessDiscovery, RegistryDiscovery, SupportsHeartbeat
 from ._backend import BackendLink
 from ._digest import DEFAULT_MAX_DIGEST_BYTES, Digest
 from ._health import HealthKeeper
@@ -128,6 +128,9 @@ class RuntimeCoordinator:
         self._nodes = self._table.by_id  # read-only: the table changes only through its own methods
         # Asked once: a Protocol isinstance check costs more than the registry's heartbeat itself.
         self._heartbeats = discovery if isinstance(discovery, SupportsHeartbeat) else None
+        # The in-process registry cannot hang (a dict, a lock never held across an await): its heartbeats skip
+        # the discovery timeout, whose cancel scope cost five times the heartbeat (py-spy, 5,000 a second).
+        self._in_process = type(discovery) is RegistryDiscovery
         self._backend = None if discovery is None else BackendLink(
             discovery,
             self.discovery_timeout,
@@ -254,10 +257,12 @@ class RuntimeCoordinator:
         Raises:
             DiscoveryUnavailableError: the discovery backend failed or did not answer in time.
         """
-        if self._heartbeats is not None and self._backend is not None:
-            known: bool = await self._backend.call(self._heartbeats.heartbeat(node_id))
-        else:
+        if self._heartbeats is None or self._backend is None:
             known = node_id in self._nodes
+        elif self._in_process:
+            known = await self._heartbeats.heartbeat(node_id)
+        else:
+            known = await self._backend.call(self._heartbeats.heartbeat(node_id))
         if known and digest is not None:
             self._health.note_digest(node_id, digest)
         return known
