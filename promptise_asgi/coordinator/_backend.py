@@ -63,6 +63,7 @@ class BackendLink:
         accept: adds or updates a node the backend lists (raises ValueError or ClusterFullError to refuse it).
         drop: removes a node the backend no longer lists (a no-op for nodes registered in process).
         held: the nodes the table holds from the backend, as the backend would list them.
+        held_ids: their ids.
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class BackendLink:
         accept: Callable[[DiscoveredNode], None],
         drop: Callable[[str], None],
         held: Callable[[], list[DiscoveredNode]],
+        held_ids: Callable[[], list[str]],
     ) -> None:
         self.discovery = discovery
         self.timeout = timeout
@@ -81,6 +83,7 @@ class BackendLink:
         self._accept = accept
         self._drop = drop
         self._held = held
+        self._held_ids = held_ids  # the same nodes' ids: no record to build per node at every round
         self._skipped: dict[str, str] = {}  # entries refused, by id (to log each one once)
         self._watch_error: str | None = None  # the watch trouble last reported in `health`
 
@@ -131,9 +134,9 @@ class BackendLink:
         for node in listed:
             seen.add(node.node_id)
             self._take(node)
-        for node in self._held():
-            if node.node_id not in seen:
-                self._drop(node.node_id)
+        for node_id in self._held_ids():
+            if node_id not in seen:
+                self._drop(node_id)
         if len(self._skipped) > len(seen):
             self._skipped = {n: u for n, u in self._skipped.items() if n in seen}
 

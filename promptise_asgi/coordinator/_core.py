@@ -137,6 +137,7 @@ class RuntimeCoordinator:
             accept=self._accept_discovered,
             drop=self._drop_discovered,
             held=self._held_nodes,
+            held_ids=lambda: [node_id for node_id, info in self._nodes.items() if info.source == "discovered"],
         )  # fmt: skip
         self._limiter = anyio.CapacityLimiter(max_concurrency)
         ssl_context = ssl.create_default_context()  # one CA bundle for every pool and probe, not one per node
