@@ -308,3 +308,24 @@ class CountingTransport(httpx.AsyncBaseTransport):
 
     async def aclose(self) -> None:
         await self._inner.aclose()
+
+
+class ManualClock:
+    """A monotonic clock a test moves by hand (`clock.now += 20`), to pass intervals and timeouts without waiting."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def changes_so_far(subscription: Any) -> list[Any]:
+    """What a change subscription (`RuntimeCoordinator.changes()`) received so far, snapshot aside, without
+    waiting for more than a moment."""
+    changes = []
+    while True:
+        with anyio.move_on_after(0.05):
+            changes.append(await subscription.receive())
+            continue
+        return [change for change in changes if change.type != "snapshot"]
