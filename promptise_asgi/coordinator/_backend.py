@@ -86,6 +86,7 @@ class BackendLink:
         self._held_ids = held_ids  # the same nodes' ids: no record to build per node at every round
         self._skipped: dict[str, str] = {}  # entries refused, by id (to log each one once)
         self._watch_error: str | None = None  # the watch trouble last reported in `health`
+        self._reports = discovery if isinstance(discovery, ReportsWatchError) else None  # asked once: not cheap
 
     async def call(self, call: Awaitable[T]) -> T:
         """Await a backend call within `timeout`, reporting failures as unavailability.
@@ -108,9 +109,9 @@ class BackendLink:
 
     def note_watch(self) -> None:
         """Report in `health` when a followed watch cannot reach the backend, and when it can again."""
-        if not self.following or not isinstance(self.discovery, ReportsWatchError):
+        if not self.following or self._reports is None:
             return
-        error = self.discovery.watch_error
+        error = self._reports.watch_error
         if error != self._watch_error:
             if error is None:
                 self.health.ok()
