@@ -11,6 +11,7 @@ address the server bound, so without a token it serves loopback peers only, what
 
 from __future__ import annotations
 
+import functools
 import logging
 from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING, Any
@@ -51,7 +52,7 @@ class NodeApp:
     async def _start(self, stack: AsyncExitStack) -> tuple[NodeSettings, ASGIApp]:
         from .config import resolve_settings
         from .transport import create_transport_app, node_lifespan
-        from .transport._registration import registration_for
+        from .transport._registration import registration_for, runtime_digest
 
         settings = resolve_settings(overrides=self.overrides)
         registration = registration_for(settings)
@@ -70,6 +71,7 @@ class NodeApp:
         await stack.enter_async_context(node_lifespan(app))
         if registration is not None:
             app.state.node.registration = registration  # the node's GET /status shows it
+            registration.digest = functools.partial(runtime_digest, runtime)  # heartbeats say what runs
             await registration.start()
             stack.push_async_callback(registration.stop)
         return settings, app

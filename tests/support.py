@@ -322,3 +322,66 @@ def assert_one_line(text: str, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
     return lines[0]
+
+
+# -- counting what a component does on the network --------------------------------------------------------------
+
+
+@contextmanager
+def counting_black_hole() -> Iterator[tuple[str, Callable[[], int]]]:
+    """A black-holed http URL (see `black_hole`) and a function telling how many connections were made to it:
+    a test can prove that nothing was polled, where a poll would only have cost a timeout."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+        sock.setblocking(False)
+        accepted: list[socket.socket] = []
+
+        def connections() -> int:
+            while True:
+                try:
+                    accepted.append(sock.accept()[0])  # kept open: the peer keeps waiting for an answer
+                except BlockingIOError:
+                    return len(accepted)
+
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}", connections
+        finally:
+            for conn in accepted:
+                conn.close()
+
+
+class CountingTransport(httpx.AsyncBaseTransport):
+    """An httpx transport over the network that counts requests by path (say, etcd's `/v3/kv/range`)."""
+
+    def __init__(self) -> None:
+        self._inner = httpx.AsyncHTTPTransport()
+        self.paths: dict[str, int] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.paths[request.url.path] = self.paths.get(request.url.path, 0) + 1
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class ManualClock:
+    """A monotonic clock a test moves by hand (`clock.now += 20`), to pass intervals and timeouts without waiting."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def changes_so_far(subscription: Any) -> list[Any]:
+    """What a change subscription (`RuntimeCoordinator.changes()`) received so far, snapshot aside, without
+    waiting for more than a moment."""
+    changes = []
+    while True:
+        with anyio.move_on_after(0.05):
+            changes.append(await subscription.receive())
+            continue
+        return [change for change in changes if change.type != "snapshot"]

@@ -342,7 +342,8 @@ def test_a_wildcard_node_registers_a_url_other_machines_can_use() -> None:
 def test_coordinator_node_registration_and_status_table_from_host_and_port() -> None:
     coordinator_port, node_port = free_port(), free_port()
     coordinator_url = f"http://127.0.0.1:{coordinator_port}"
-    with cli_process("coordinator", "--port", str(coordinator_port)) as coordinator:
+    # Checks every second: the node's heartbeat digests (SPEC 16) go stale a second after it dies, and it is polled.
+    with cli_process("coordinator", "--port", str(coordinator_port), "--health-check-interval", "1") as coordinator:
         coordinator.wait_for_line("coordinator serving on")
         args = ("node", "--config", str(EXAMPLE), "--port", str(node_port), "--node-id", "worker-1")
         with cli_process(*args, "--coordinator", f"127.0.0.1:{coordinator_port}") as node:
@@ -363,10 +364,13 @@ def test_coordinator_node_registration_and_status_table_from_host_and_port() -> 
             assert summary == "1 node, 1 healthy, 2 processes"
             node.process.kill()  # as if the machine died: the coordinator keeps it healthy for a while
             node.process.wait()
-            result = run_cli("status", "--coordinator", coordinator_url)
-        assert re.search(r"^worker-1 .* healthy \(missed check, last seen \d+s ago\) +2$", result.stdout, re.M), (
-            result.stdout
-        )
+            missed = r"^worker-1 .* healthy \(missed check, last seen \d+s ago\) +2$"
+            result = poll(
+                lambda: (
+                    (r := run_cli("status", "--coordinator", coordinator_url)) and re.search(missed, r.stdout, re.M)
+                ),
+                what="worker-1 flagged with a missed check",
+            )
         output = coordinator.interrupt()
     assert coordinator.process.returncode == 0 and "Traceback" not in output
 

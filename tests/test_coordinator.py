@@ -268,6 +268,7 @@ class TestCoordinatorApp:
                 "node_id": "n1",
                 "url": "http://127.0.0.1:1",
                 "ttl": 30.0,
+                "heartbeat_interval": 10.0,  # a third of the TTL: less than 2/3 of the 15 s health check interval
             }
             listed = (await client.get("/cluster/nodes")).json()
             assert listed["count"] == 1 and listed["nodes"][0]["metadata"] == {"z": 1}
@@ -275,7 +276,7 @@ class TestCoordinatorApp:
             clock.now += 31
             expired = await client.post("/cluster/nodes/n1/heartbeat")
             assert expired.status_code == 404 and expired.json() == {"error": "Node 'n1' not registered"}
-            assert (await client.get("/cluster/nodes")).json() == {"nodes": [], "count": 0}
+            assert (await client.get("/cluster/nodes")).json() == {"nodes": [], "count": 0, "total": 0, "next": None}
             await client.post("/cluster/nodes", json={"node_id": "n2", "url": "http://127.0.0.1:2"})
             assert (await client.delete("/cluster/nodes/n2")).json() == {"status": "unregistered", "node_id": "n2"}
             again = await client.delete("/cluster/nodes/n2")

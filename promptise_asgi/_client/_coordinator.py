@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -112,14 +112,43 @@ class CoordinatorClient:
         """GET /health: `{"status", "role": "coordinator", "node_count"}` (open even with a token)."""
         return await self._object("GET", "/health")
 
-    async def cluster_status(self) -> dict[str, Any]:
-        """GET /cluster/status: `{"total_nodes", "healthy_nodes", "unhealthy_nodes", "total_processes", "nodes"}`."""
-        return await self._object("GET", "/cluster/status")
+    async def cluster_status(self, *, limit: int | None = None, after: str | None = None) -> dict[str, Any]:
+        """GET /cluster/status: `{"total_nodes", "healthy_nodes", "unhealthy_nodes", "total_processes", "nodes"}`.
+
+        Args:
+            limit: list at most this many nodes (1 to 1,000), in id order, and say where the next page starts
+                (`"next"`); None lists every node. The totals always count every node.
+            after: with `limit`, the previous page's `next`.
+        """
+        return await self._object("GET", "/cluster/status" + _query(limit=limit, after=after))
+
+    async def node_page(
+        self, *, limit: int | None = None, after: str | None = None, health: str | None = None, q: str | None = None
+    ) -> dict[str, Any]:
+        """GET /cluster/nodes with paging and filters: `{"nodes", "count", "total", "next"}`.
+
+        Args:
+            limit: nodes per page (1 to 1,000; the coordinator's default is 100).
+            after: the previous page's `next`.
+            health: `healthy`, `unhealthy`, `unknown` or `missed_check`.
+            q: a case-insensitive substring of the node id or of a metadata value.
+        """
+        return await self._object("GET", "/cluster/nodes" + _query(limit=limit, after=after, health=health, q=q))
 
     async def nodes(self) -> list[dict[str, Any]]:
-        """GET /cluster/nodes: the node table, one dict per node (`node_id`, `url`, `status`, `last_seen`, ...)."""
-        nodes = (await self._object("GET", "/cluster/nodes")).get("nodes")
-        return [node for node in nodes if isinstance(node, dict)] if isinstance(nodes, list) else []
+        """GET /cluster/nodes, page after page: the whole node table, one dict per node (`node_id`, `url`,
+        `status`, `last_seen`, ...), in id order."""
+        listed: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page = await self.node_page(limit=_PAGE, after=after)
+            nodes = page.get("nodes")
+            listed += [node for node in nodes if isinstance(node, dict)] if isinstance(nodes, list) else []
+            following = page.get("next")
+            # A coordinator that does not page lists everything at once, with no `next`.
+            if not isinstance(following, str) or following == after:
+                return listed
+            after = following
 
     async def register_node(self, node_id: str, url: str, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         """POST /cluster/nodes: register (or refresh) a node; returns the answer, with the registry's `ttl`.
@@ -136,10 +165,19 @@ class CoordinatorClient:
         }
         return await self._object("POST", "/cluster/nodes", body)
 
-    async def heartbeat(self, node_id: str) -> bool:
-        """POST /cluster/nodes/{id}/heartbeat; False when the coordinator does not know the node (register again)."""
+    async def heartbeat(self, node_id: str, digest: dict[str, Any] | None = None) -> bool:
+        """POST /cluster/nodes/{id}/heartbeat; False when the coordinator does not know the node (register again).
+
+        Args:
+            node_id: the node.
+            digest: what the node runs, `{"process_count": N, "processes": [{"name", "state", "queue_size"}]}`:
+                the coordinator then takes the node's health from its heartbeats instead of polling it.
+
+        Raises:
+            CoordinatorError: e.g. 413 (a digest over the coordinator's limit), 422 (a malformed digest).
+        """
         try:
-            await self._object("POST", f"/cluster/nodes/{_node_segment(node_id)}/heartbeat")
+            await self._object("POST", f"/cluster/nodes/{_node_segment(node_id)}/heartbeat", digest)
         except CoordinatorError as exc:
             if exc.status_code == 404:
                 return False
@@ -244,3 +282,11 @@ class CoordinatorClient:
 
 def _node_segment(node_id: str) -> str:
     return quote(validate_node_id(node_id), safe="")
+
+
+_PAGE = 1000  # the largest page a coordinator gives: the fewest requests for a whole table
+
+
+def _query(**params: object) -> str:
+    given = {key: value for key, value in params.items() if value is not None}
+    return "?" + urlencode(given) if given else ""

@@ -12,8 +12,10 @@ from starlette.requests import ClientDisconnect, Request
 __all__ = ["EventBody", "parse_event_body", "read_json_object"]
 
 
-async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
+async def read_json_object(request: Request, max_bytes: int, *, allow_empty: bool = False) -> dict[str, Any]:
     """Read the request body as a JSON object, refusing more than `max_bytes` while streaming.
+
+    With `allow_empty`, an empty body reads as `{}` (a body that may be left out, like a heartbeat's digest).
 
     Raises:
         HTTPException: 413 past the limit, 400 for a body that is not JSON or not an object.
@@ -36,6 +38,8 @@ async def read_json_object(request: Request, max_bytes: int) -> dict[str, Any]:
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
+    if allow_empty and not size:
+        return {}
     try:
         data = orjson.loads(b"".join(chunks))
     except orjson.JSONDecodeError:  # also raised for bytes that are not UTF-8

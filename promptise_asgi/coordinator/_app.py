@@ -35,6 +35,8 @@ from .._http import (
 )
 from .._validation import check_idempotency_key, normalize_tokens
 from ._core import RuntimeCoordinator
+from ._digest import parse_digest
+from ._table import check_page
 from ._ui import UI_PATHS, ui_routes
 
 __all__ = ["create_coordinator_app"]
@@ -85,8 +87,20 @@ async def node_dead_letters(request: Request) -> Response:
     return JSONResponse(await _coordinator(request).node_request(node_id, "GET", path))
 
 
+def _page_request(request: Request, default_limit: int | None) -> tuple[int | None, str | None, str | None, str | None]:
+    """`limit`, `after`, `health` and `q` from the query string, checked (400 naming the one that is wrong)."""
+    params = request.query_params
+    try:
+        return check_page(
+            params.get("limit"), params.get("after"), params.get("health"), params.get("q"), default=default_limit
+        )
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
 async def cluster_status(request: Request) -> Response:
-    return JSONResponse(await _coordinator(request).cluster_status())
+    limit, after, _, _ = _page_request(request, None)
+    return JSONResponse(await _coordinator(request).cluster_status(limit=limit, after=after))
 
 
 async def nodes(request: Request) -> Response:
@@ -94,10 +108,9 @@ async def nodes(request: Request) -> Response:
 
 
 async def list_nodes(request: Request) -> Response:
-    coordinator = _coordinator(request)
-    await coordinator.sync_discovery()
-    nodes = [info.to_dict() for info in coordinator.nodes.values()]
-    return JSONResponse({"nodes": nodes, "count": len(nodes)})
+    limit, after, health, query = _page_request(request, 100)
+    assert limit is not None  # a default was given
+    return JSONResponse(await _coordinator(request).node_page(limit=limit, after=after, health=health, q=query))
 
 
 async def register_node(request: Request) -> Response:
@@ -115,7 +128,13 @@ async def register_node(request: Request) -> Response:
 
 async def heartbeat(request: Request) -> Response:
     node_id: str = request.path_params["node_id"]
-    if not await _coordinator(request).accept_heartbeat(node_id):
+    coordinator = _coordinator(request)
+    body = await read_json_object(request, coordinator.max_digest_bytes, allow_empty=True)
+    try:
+        digest = parse_digest(body)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    if not await coordinator.accept_heartbeat(node_id, digest):
         raise HTTPException(404, f"Node '{node_id}' not registered")
     return JSONResponse({"status": "ok", "node_id": node_id})
 

@@ -1,9 +1,10 @@
 """`RuntimeCoordinator`: one view of every node's health, and remote control of their processes.
 
-It keeps a node table fed by registrations and by any `ProcessDiscovery` backend, checks health concurrently
-(bounded, each check with its own timeout, damped against flapping), and steers processes on nodes through
-`NodeClient`, one small pool per node. Runs on asyncio and trio. Knows nodes only through their HTTP API, and
-serves no HTTP itself (`_app` does).
+It keeps a node table (`_table`) fed by registrations and by any `ProcessDiscovery` backend (`_backend`: a
+watch where the backend offers one, else a listing each round), takes the health of nodes that heartbeat with
+a digest from their heartbeats, checks the others concurrently (bounded, each check with its own timeout,
+damped against flapping), and steers processes on nodes through `NodeClient`, one small pool per node. Runs
+on asyncio and trio. Knows nodes only through their HTTP API, and serves no HTTP itself (`_app` does).
 """
 
 from __future__ import annotations
@@ -11,19 +12,16 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType, TracebackType
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Literal
 
 import anyio
-import httpx
 from anyio.abc import TaskGroup
 
 from .._changes import ChangeHub, Subscription
 from .._errors import (
     ClusterFullError,
-    DiscoveryUnavailableError,
     NodeConflictError,
     NodeError,
     NodeTimeoutError,
@@ -40,115 +38,42 @@ from .._validation import (
     validate_node_id,
 )
 from ..client import NodeClient
-from ..discovery import HasTTL, ProcessDiscovery, SupportsHeartbeat
+from ..discovery import DiscoveredNode, HasTTL, ProcessDiscovery, RegistryDiscovery, SupportsHeartbeat
+from ._backend import BackendLink
+from ._digest import DEFAULT_MAX_DIGEST_BYTES, Digest
+from ._health import HealthKeeper
+from ._pools import NodePools
 from ._probe import HealthProbe
+from ._table import NodeInfo, NodeTable, check_page
 
 __all__ = ["NodeInfo", "RuntimeCoordinator"]
 
 logger = logging.getLogger("promptise_asgi.coordinator")
 
-NodeStatus = Literal["unknown", "healthy", "unhealthy"]
-T = TypeVar("T")
-
-# Requests to one node rarely overlap (a health check, a control call): a few connections are plenty.
-_NODE_POOL_LIMITS = httpx.Limits(max_connections=8, max_keepalive_connections=4)
-
 DEFAULT_MAX_NODES = 100_000
 DEFAULT_MAX_METADATA_BYTES = 16 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024
-
-
-@dataclass(eq=False)
-class NodeInfo:
-    """What the coordinator knows about one node.
-
-    Attributes:
-        node_id: the node's id.
-        url: the node's base URL.
-        metadata: what the node registered with.
-        source: "registered" (by `register_node`) or "discovered" (from the discovery backend).
-        status: "unknown" until the first check, then "healthy" or "unhealthy".
-        process_count: processes the node reported at its last successful check.
-        last_seen: wall-clock time of the last successful check (None if never).
-        missed_checks: consecutive failed checks; a node that misses some stays healthy until `node_timeout`.
-        last_error: why the last check failed (None after a success).
-        health: the node's last `/health` answer.
-        processes: the node's processes as `[{"name", "state"}]`, as last learned (None until then).
-    """
-
-    node_id: str
-    url: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-    source: Literal["registered", "discovered"] = "registered"
-    status: NodeStatus = "unknown"
-    process_count: int = 0
-    last_seen: float | None = None
-    missed_checks: int = 0
-    last_error: str | None = None
-    health: dict[str, Any] | None = None
-    processes: list[dict[str, str]] | None = None
-    auth_token: str | None = field(default=None, repr=False)
-    _last_ok: float | None = field(default=None, repr=False)  # monotonic, for node_timeout
-
-    @property
-    def is_healthy(self) -> bool:
-        """True when the last verdict is healthy (possibly with missed checks inside `node_timeout`)."""
-        return self.status == "healthy"
-
-    def health_fields(self) -> tuple[bool, bool, int, str]:
-        """What a `node.health` change reports: healthy, missed_check, process_count, error."""
-        return self.status == "healthy", self.missed_checks > 0, self.process_count, self.last_error or ""
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict (never the token)."""
-        return {
-            "node_id": self.node_id,
-            "url": self.url,
-            "status": self.status,
-            "process_count": self.process_count,
-            "last_seen": self.last_seen,
-            "missed_check": self.missed_checks > 0,
-            "missed_checks": self.missed_checks,
-            "last_error": self.last_error,
-            "source": self.source,
-            "metadata": dict(self.metadata),
-        }
-
-
-class _BackendHealth:
-    """Whether the discovery backend answered last time, and since when it has not (for status)."""
-
-    __slots__ = ("error", "since")
-
-    def __init__(self) -> None:
-        self.error: str | None = None
-        self.since: float | None = None
-
-    def ok(self) -> None:
-        if self.error is not None:
-            logger.warning("discovery backend answers again (it failed for %.1fs)", time.time() - (self.since or 0))
-        self.error = self.since = None
-
-    def failed(self, reason: str) -> None:
-        if self.error is None:
-            logger.warning("discovery backend unavailable, answering from the last known nodes: %s", reason)
-            self.since = time.time()
-        self.error = reason
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.error is None, "error": self.error, "since": self.since}
+# A node heartbeats this share of health_check_interval apart, so its digest is fresh at every round.
+_HEARTBEAT_SHARE = 2 / 3
 
 
 class RuntimeCoordinator:
     """Tracks a cluster's nodes and steers their processes.
 
-    `async with RuntimeCoordinator(...) as coordinator:` runs the health monitor (a check every
-    `health_check_interval` seconds) and closes the connection pool on exit. Every call also works outside
-    `async with` on a coordinator that was never entered.
+    `async with RuntimeCoordinator(...) as coordinator:` runs the health monitor (a round every
+    `health_check_interval` seconds), follows the discovery backend's watch when it has one, and closes the
+    connection pool on exit. Every call also works outside `async with` on a coordinator that was never
+    entered; such a coordinator reads its discovery backend on each status or listing instead.
+
+    A node that heartbeats with a digest (`accept_heartbeat(node_id, digest)`, what self-registration sends)
+    is healthy from its heartbeats while its digest is younger than `health_check_interval`, and is not
+    polled; the others are polled every round. Once a node's digest goes stale it is polled again, and
+    `node_timeout` counts from its last heartbeat.
 
     Args:
         discovery: a `ProcessDiscovery` backend whose nodes join the table (and leave it when they expire).
-        health_check_interval: seconds between background health checks.
+        health_check_interval: seconds between background health checks; also how long a heartbeat digest
+            stays fresh.
         node_timeout: seconds a node that stops answering stays healthy (marked `missed_check`) before it is
             declared unhealthy; damps flapping on a lost packet or a slow moment.
         request_timeout: seconds any single request to a node may take; one slow node never delays the rest
@@ -161,9 +86,10 @@ class RuntimeCoordinator:
         max_nodes: the most nodes the table holds; a new node beyond it is refused (`ClusterFullError`).
         max_metadata_bytes: the largest registration metadata, serialized as JSON (`MetadataTooLargeError`).
         max_response_bytes: the largest answer read from a node (`NodeResponseTooLargeError` beyond).
+        max_digest_bytes: the largest heartbeat body (a digest) the coordinator app reads (413 beyond).
         discovery_timeout: seconds a call to the discovery backend may take before the coordinator answers
             from its table (status) or refuses (registration, `DiscoveryUnavailableError`).
-        clock: monotonic clock used for `node_timeout` (injectable for tests).
+        clock: monotonic clock used for `node_timeout` and digest freshness (injectable for tests).
 
     Raises:
         ValueError: a non-positive interval, timeout, cap or concurrency, a bad network, or a blank token.
@@ -182,6 +108,7 @@ class RuntimeCoordinator:
         max_nodes: int = DEFAULT_MAX_NODES,
         max_metadata_bytes: int = DEFAULT_MAX_METADATA_BYTES,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        max_digest_bytes: int = DEFAULT_MAX_DIGEST_BYTES,
         discovery_timeout: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -193,35 +120,64 @@ class RuntimeCoordinator:
         self.max_nodes = check_count("max_nodes", max_nodes)
         self.max_metadata_bytes = check_count("max_metadata_bytes", max_metadata_bytes)
         self.max_response_bytes = check_count("max_response_bytes", max_response_bytes)
+        self.max_digest_bytes = check_count("max_digest_bytes", max_digest_bytes)
         self.discovery = discovery
         self.address_rules = NodeAddressRules(node_networks)
-        self._discovery_health = _BackendHealth()
         self._auth_token = None if auth_token is None else clean_token(auth_token)
         self._clock = clock
-        self._nodes: dict[str, NodeInfo] = {}
+        self._table = NodeTable()
+        self._nodes = self._table.by_id  # read-only: the table changes only through its own methods
+        # Asked once: a Protocol isinstance check costs more than the registry's heartbeat itself.
+        self._heartbeats = discovery if isinstance(discovery, SupportsHeartbeat) else None
+        # The in-process registry cannot hang (a dict, a lock never held across an await): its heartbeats skip
+        # the discovery timeout, whose cancel scope cost five times the heartbeat (py-spy, 5,000 a second).
+        self._in_process = type(discovery) is RegistryDiscovery
+        self._backend = None if discovery is None else BackendLink(
+            discovery,
+            self.discovery_timeout,
+            accept=self._accept_discovered,
+            drop=self._drop_discovered,
+            held=self._held_nodes,
+            held_ids=lambda: [node_id for node_id, info in self._nodes.items() if info.source == "discovered"],
+        )  # fmt: skip
         self._limiter = anyio.CapacityLimiter(max_concurrency)
-        # One small connection pool per node: httpcore scans every connection of a pool for each request, so a
-        # single pool shared by 100 nodes costs O(nodes^2) per round (measured: 600 ms for 100 instant nodes).
-        self._pools: dict[str, tuple[tuple[str, str | None], httpx.AsyncClient]] = {}
-        self._retired: list[httpx.AsyncClient] = []
-        self._forgotten: list[str] = []
-        self._ssl = ssl.create_default_context()  # one CA bundle for every pool and probe, not one per node
-        self._probe = HealthProbe(timeout=self.request_timeout, ssl_context=self._ssl)
+        ssl_context = ssl.create_default_context()  # one CA bundle for every pool and probe, not one per node
+        self._probe = HealthProbe(timeout=self.request_timeout, ssl_context=ssl_context)
+        self._pools = NodePools(
+            ssl_context, self._probe, timeout=self.request_timeout, max_response_bytes=self.max_response_bytes
+        )
         self._monitor: TaskGroup | None = None
-        self._skipped: dict[str, str] = {}  # discovered entries refused, by id (to log each one once)
         self._changes = ChangeHub(self.table_status)
+        self._health = HealthKeeper(
+            self._table,
+            self._probe,
+            self._changes,
+            self._limiter,
+            fresh_for=self.health_check_interval,
+            node_timeout=self.node_timeout,
+            token_for=lambda info: info.auth_token or self._auth_token,
+            clock=clock,
+        )
 
     # -- node table -----------------------------------------------------------------------------------------
 
     @property
     def nodes(self) -> Mapping[str, NodeInfo]:
         """A read-only view of the node table by id."""
-        return MappingProxyType(self._nodes)
+        return self._nodes
 
     @property
     def node_token(self) -> str | None:
         """The token sent to nodes, which nodes must also present to register over HTTP (None when unset)."""
         return self._auth_token
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """How often a node should heartbeat: often enough for its digest to be fresh at every health round,
+        and for the discovery backend's TTL (a third of it) to never run out."""
+        interval = self.health_check_interval * _HEARTBEAT_SHARE
+        ttl = self.discovery.ttl if isinstance(self.discovery, HasTTL) else None
+        return round(interval if ttl is None else min(interval, ttl / 3), 3)
 
     def register_node(
         self, node_id: str, url: str, metadata: Mapping[str, Any] | None = None, *, auth_token: str | None = None
@@ -256,7 +212,8 @@ class RuntimeCoordinator:
         TTL applies) and the table follows at once, without re-reading the backend.
 
         Returns:
-            The registration's answer: `{"status": "registered", "node_id", "url"}` plus the backend's `ttl`.
+            The registration's answer: `{"status": "registered", "node_id", "url", "heartbeat_interval"}` plus
+            the backend's `ttl`; `heartbeat_interval` is how often the node should heartbeat.
 
         Raises:
             ValueError: invalid node id, URL or metadata, or a host name that does not resolve to an
@@ -274,31 +231,42 @@ class RuntimeCoordinator:
         if (
             existing is not None
             and existing.url != url
-            and (existing.auth_token is not None or await self._answers_as(existing))
+            and (existing.auth_token is not None or await self._health.answers_as(existing))
         ):
             raise NodeConflictError(node_id)
         self._check_room(node_id)
         answer: dict[str, Any] = {"status": "registered", "node_id": node_id, "url": url}
-        discovery = self.discovery
-        if discovery is None:
+        answer["heartbeat_interval"] = self.heartbeat_interval
+        discovery, backend = self.discovery, self._backend
+        if discovery is None or backend is None:
             self._upsert(node_id, url, meta, "registered")
             return answer
-        await self._call_discovery(discovery.register(node_id, url, meta))
+        await backend.call(discovery.register(node_id, url, meta))
         existing = self._nodes.get(node_id)
         self._upsert(node_id, url, meta, existing.source if existing is not None else "discovered")
         if isinstance(discovery, HasTTL) and discovery.ttl is not None:
             answer["ttl"] = discovery.ttl
         return answer
 
-    async def accept_heartbeat(self, node_id: str) -> bool:
+    async def accept_heartbeat(self, node_id: str, digest: Digest | None = None) -> bool:
         """A node's heartbeat: False when the registry does not know it (the node then registers again).
+
+        Args:
+            node_id: the node.
+            digest: what the node says it runs (`parse_digest` of the heartbeat's body): the node is then
+                healthy from this heartbeat, and is not polled while the digest is fresh.
 
         Raises:
             DiscoveryUnavailableError: the discovery backend failed or did not answer in time.
         """
-        if not isinstance(self.discovery, SupportsHeartbeat):
-            return node_id in self._nodes
-        known: bool = await self._call_discovery(self.discovery.heartbeat(node_id))
+        if self._heartbeats is None or self._backend is None:
+            known = node_id in self._nodes
+        elif self._in_process:
+            known = await self._heartbeats.heartbeat(node_id)
+        else:
+            known = await self._backend.call(self._heartbeats.heartbeat(node_id))
+        if known and digest is not None:
+            self._health.note_digest(node_id, digest)
         return known
 
     async def accept_unregistration(self, node_id: str) -> bool:
@@ -307,14 +275,9 @@ class RuntimeCoordinator:
         Raises:
             DiscoveryUnavailableError: the discovery backend failed or did not answer in time.
         """
-        if self.discovery is not None:
-            await self._call_discovery(self.discovery.unregister(node_id))
-        info = self._nodes.pop(node_id, None)
-        if info is None:
-            return False
-        self._retire(node_id, info.url)
-        self._changes.publish("node.left", {"node_id": node_id, "reason": "unregistered"})
-        return True
+        if self.discovery is not None and self._backend is not None:
+            await self._backend.call(self.discovery.unregister(node_id))
+        return self._remove(node_id, "unregistered")
 
     def unregister_node(self, node_id: str) -> None:
         """Remove a node from the table.
@@ -322,10 +285,8 @@ class RuntimeCoordinator:
         Raises:
             KeyError: the node is not registered.
         """
-        info = self.get_node(node_id)
-        del self._nodes[node_id]
-        self._retire(node_id, info.url)
-        self._changes.publish("node.left", {"node_id": node_id, "reason": "unregistered"})
+        self.get_node(node_id)
+        self._remove(node_id, "unregistered")
 
     def get_node(self, node_id: str) -> NodeInfo:
         """Return a node's info.
@@ -352,29 +313,6 @@ class RuntimeCoordinator:
         if node_id not in self._nodes and len(self._nodes) >= self.max_nodes:
             raise ClusterFullError(self.max_nodes)
 
-    async def _answers_as(self, info: NodeInfo) -> bool:
-        """True when `info.url` answers `/health` now as node `info.node_id` (a live node, not a moved one)."""
-        try:
-            health = await self._probe.health(info.url, info.auth_token or self._auth_token)
-        except Exception:
-            return False
-        return bool(health.get("node_id", info.node_id) == info.node_id)
-
-    async def _call_discovery(self, call: Awaitable[T]) -> T:
-        """Await a discovery backend call within `discovery_timeout`, reporting failures as unavailability."""
-        try:
-            with anyio.fail_after(self.discovery_timeout):
-                result = await call
-        except TimeoutError:
-            reason = f"no answer within {self.discovery_timeout:g}s"
-        except Exception as exc:
-            reason = str(exc) or type(exc).__name__
-        else:
-            self._discovery_health.ok()
-            return result
-        self._discovery_health.failed(reason)
-        raise DiscoveryUnavailableError(reason)
-
     def _upsert(
         self,
         node_id: str,
@@ -389,7 +327,7 @@ class RuntimeCoordinator:
             self._retire(node_id, info.url)
         if info is None or info.url != url:
             info = NodeInfo(node_id, url, metadata, source, auth_token=auth_token)
-            self._nodes[node_id] = info
+            self._table.put(info)
             self._changes.publish("node.joined", {"node_id": node_id, "url": url, "metadata": dict(metadata)})
         else:
             info.metadata = metadata
@@ -398,159 +336,164 @@ class RuntimeCoordinator:
                 info.auth_token = auth_token
         return info
 
+    def _remove(self, node_id: str, reason: str) -> bool:
+        info = self._table.pop(node_id)
+        if info is None:
+            return False
+        self._retire(node_id, info.url)
+        self._changes.publish("node.left", {"node_id": node_id, "reason": reason})
+        return True
+
+    def _accept_discovered(self, node: DiscoveredNode) -> None:
+        """A node the backend lists: into the table unless it is known as it is, or registered in process (an
+        explicit registration wins over what discovery says).
+
+        Raises:
+            ValueError / ClusterFullError: an entry a registration would be refused for (the caller logs it).
+        """
+        existing = self._nodes.get(node.node_id)
+        if existing is not None and (
+            existing.source == "registered" or (existing.url == node.url and existing.metadata == node.metadata)
+        ):
+            return
+        validate_node_id(node.node_id)
+        url = self.address_rules.check_url(node.url)
+        meta = self._checked_metadata(node.metadata)
+        self._check_room(node.node_id)
+        self._upsert(node.node_id, url, meta, "discovered")
+
+    def _drop_discovered(self, node_id: str) -> None:
+        info = self._nodes.get(node_id)
+        if info is not None and info.source == "discovered":
+            self._remove(node_id, "expired")
+
+    def _held_nodes(self) -> list[DiscoveredNode]:
+        return [
+            DiscoveredNode(info.node_id, info.url, metadata=info.metadata)
+            for info in self._nodes.values()
+            if info.source == "discovered"
+        ]
+
     async def sync_discovery(self) -> None:
-        """Pull the discovery backend's nodes into the table; drop discovered nodes it no longer lists.
+        """Bring the table in step with the discovery backend: pull its nodes in, drop discovered nodes it no
+        longer lists. While the coordinator follows the backend's watch (etcd, inside `async with`), the table
+        is in step already and nothing is read.
 
         A backend that fails, or does not answer within `discovery_timeout`, leaves the table as it was and
         is reported in `cluster_status()["discovery"]`. Entries the coordinator would refuse from a
         registration (a bad URL, oversized metadata, beyond `max_nodes`) are skipped with a log line.
         """
-        if self.discovery is None:
-            return
-        try:
-            discovered = await self._call_discovery(self.discovery.discover())
-        except DiscoveryUnavailableError:
-            return
-        seen = set()
-        for node in discovered:
-            seen.add(node.node_id)
-            existing = self._nodes.get(node.node_id)
-            if existing is not None and (
-                existing.source == "registered"  # an explicit registration wins over what discovery says
-                or (existing.url == node.url and existing.metadata == node.metadata)
-            ):
-                continue
-            try:
-                validate_node_id(node.node_id)
-                url = self.address_rules.check_url(node.url)
-                meta = self._checked_metadata(node.metadata)
-                self._check_room(node.node_id)
-            except (ValueError, ClusterFullError) as exc:
-                if self._skipped.get(node.node_id) != node.url:
-                    logger.warning("discovery lists node %r, which is not accepted: %s", node.node_id, exc)
-                    self._skipped[node.node_id] = node.url
-                continue
-            self._upsert(node.node_id, url, meta, "discovered")
-        for node_id in [n for n, info in self._nodes.items() if info.source == "discovered" and n not in seen]:
-            self._retire(node_id, self._nodes.pop(node_id).url)
-            self._changes.publish("node.left", {"node_id": node_id, "reason": "expired"})
-        if len(self._skipped) > len(seen):
-            self._skipped = {n: u for n, u in self._skipped.items() if n in seen}
+        if self._backend is not None:
+            await self._backend.sync()
         await self._close_retired()
 
-    # -- health -------------------------------------------------------------------------------------------
+    async def _refresh(self) -> None:
+        """Before answering from the table: read the backend, unless the monitor keeps the table (a watch, or
+        a listing each round), which answering a status or a page must not pay for at 10,000 nodes."""
+        if self._monitor is None:
+            await self.sync_discovery()
+
+    # -- health and status ----------------------------------------------------------------------------------
 
     async def check_health(self, *, processes: bool = False) -> dict[str, dict[str, Any]]:
-        """Check every node at once (bounded by `max_concurrency`, each within `request_timeout`).
+        """Check every node without a fresh heartbeat digest at once (bounded by `max_concurrency`, each within
+        `request_timeout`); nodes with one are healthy from their heartbeats.
 
         Args:
-            processes: also read each healthy node's `/processes`, for `node.processes` changes (the monitor's
-                rounds do; an on-demand status does not need to).
+            processes: also read each healthy polled node's `/processes`, for `node.processes` changes (the
+                monitor's rounds do; an on-demand status does not need to).
 
         Returns:
-            node id -> the node's `/health` answer, or `{"status": "unhealthy", "error": ...}`.
+            node id -> the node's `/health` answer (for a node with a fresh digest, the same fields from its
+            heartbeat), or `{"status": "unhealthy", "error": ...}`.
         """
         await self.sync_discovery()
-        await self._close_retired()
-        results: dict[str, dict[str, Any]] = {}
-        targets = list(self._nodes.values())
-        async with anyio.create_task_group() as tg:
-            for info in targets:
-                tg.start_soon(self._check_one, info, results, processes)
-        return results
-
-    async def _check_one(self, info: NodeInfo, results: dict[str, dict[str, Any]], processes: bool = False) -> None:
-        before = info.health_fields()
-        token = info.auth_token or self._auth_token
-        try:
-            async with self._limiter:
-                health = await self._probe.health(info.url, token)
-        except Exception as exc:  # whatever one node does, the round (and status) goes on
-            if not isinstance(exc, NodeError | NodeUnreachableError):
-                logger.exception("health check of node %s failed unexpectedly", info.node_id)
-            self._record_failure(info, exc)
-            results[info.node_id] = {"status": "unhealthy", "error": f"Health check failed: {exc}"}
-        else:
-            info.status = "healthy"
-            info.health = health
-            info.process_count = int(health.get("process_count") or 0)
-            info.last_seen = time.time()
-            info._last_ok = self._clock()
-            info.missed_checks = 0
-            info.last_error = None
-            results[info.node_id] = health
-            if processes:
-                await self._learn_processes(info, token)
-        self._health_changed(info, before)
-
-    async def _learn_processes(self, info: NodeInfo, token: str | None) -> None:
-        try:
-            async with self._limiter:
-                answer = await self._probe.get(info.url, "/processes", token)
-        except Exception:  # the health verdict stands; the process list is learned next time
-            return
-        listed = answer.get("processes")
-        if isinstance(listed, list):
-            self.note_processes(info.node_id, listed)
+        infos = self._table.values()
+        polled = await self._health.check(infos, processes)
+        return {info.node_id: polled.get(info.node_id) or info.health or {} for info in infos}
 
     def note_processes(self, node_id: str, processes: list[Any]) -> None:
-        """Record what a node runs (from a check or a heartbeat digest) and announce a change of it."""
-        info = self._nodes.get(node_id)
-        if info is None:
-            return
-        current = [{"name": str(p.get("name")), "state": str(p.get("state"))} for p in processes if isinstance(p, dict)]
-        if current != info.processes:
-            info.processes = current
-            self._changes.publish("node.processes", {"node_id": node_id, "processes": current})
+        """Record what a node runs (from a check or a heartbeat digest) and announce a change of its processes'
+        names or states (`node.processes`)."""
+        self._health.note_processes(node_id, processes)
 
-    def _health_changed(self, info: NodeInfo, before: tuple[bool, bool, int, str]) -> None:
-        after = info.health_fields()
-        if after != before and info.node_id in self._nodes:
-            healthy, missed, count, error = after
-            self._changes.publish(
-                "node.health",
-                {"node_id": info.node_id, "healthy": healthy, "missed_check": missed, "process_count": count,
-                 "error": error},
-            )  # fmt: skip
+    async def cluster_status(self, *, limit: int | None = None, after: str | None = None) -> dict[str, Any]:
+        """Summarise the cluster, checking now the nodes (of the page) without a fresh heartbeat digest.
 
-    def _record_failure(self, info: NodeInfo, exc: Exception) -> None:
-        info.missed_checks += 1
-        info.last_error = str(exc)
-        recently_ok = info._last_ok is not None and self._clock() - info._last_ok < self.node_timeout
-        if info.status == "healthy" and recently_ok:
-            return  # damped: a missed check inside node_timeout keeps the node healthy, flagged missed_check
-        if info.status != "unhealthy":
-            logger.warning("node %s is unhealthy: %s", info.node_id, exc)
-        info.status = "unhealthy"
-
-    async def cluster_status(self) -> dict[str, Any]:
-        """Check every node now and summarise the cluster.
+        Args:
+            limit: list at most this many nodes (1 to 1,000), in id order; None lists every node.
+            after: with `limit`, start after this node id (the previous page's `next`).
 
         Returns:
             `{"total_nodes", "healthy_nodes", "unhealthy_nodes", "total_processes", "nodes": {id: {...}}}`,
             each node entry being `NodeInfo.to_dict()` plus its `"health"` answer or error; with a discovery
-            backend also `"discovery": {"ok", "error", "since"}` (`since`: when it started failing).
+            backend also `"discovery": {"ok", "error", "since"}` (`since`: when it started failing); with
+            `limit` also `"next"`, the cursor of the next page (None after the last). The totals always count
+            every node.
+
+        Raises:
+            ValueError: `limit` or `after` out of range.
         """
-        results = await self.check_health()
-        return self._summary({node_id: results.get(node_id) for node_id in self._nodes})
+        limit, after, _, _ = check_page(limit, after)
+        await self._refresh()
+        if limit is None:
+            infos, next_id = self._table.values(), None
+        else:
+            infos, next_id = self._table.page(limit=limit, after=after)
+        await self._close_retired()
+        status = self._summary(infos, await self._health.check(infos))
+        if limit is not None:
+            status["next"] = next_id
+        return status
+
+    async def node_page(
+        self, *, limit: int = 100, after: str | None = None, health: str | None = None, q: str | None = None
+    ) -> dict[str, Any]:
+        """One page of the node table, in id order, from the table (nothing is checked).
+
+        Args:
+            limit: the most nodes listed (1 to 1,000).
+            after: start after this node id (the previous page's `next`).
+            health: only nodes whose verdict is `healthy`, `unhealthy` or `unknown`, or `missed_check`
+                (healthy, but its last check failed).
+            q: only nodes whose id or a metadata value holds this text (case-insensitive).
+
+        Returns:
+            `{"nodes": [NodeInfo.to_dict(), ...], "count": listed here, "total": every node, "next": the
+            cursor of the next page, or None when no node follows}`.
+
+        Raises:
+            ValueError: a parameter out of range, naming it.
+        """
+        checked_limit, after, health, query = check_page(limit, after, health, q, default=100)
+        await self._refresh()
+        infos, next_id = self._table.page(limit=checked_limit or 100, after=after, health=health, query=query)
+        nodes = [info.to_dict() for info in infos]
+        return {"nodes": nodes, "count": len(nodes), "total": len(self._table), "next": next_id}
 
     def table_status(self) -> dict[str, Any]:
         """The cluster as the table knows it now, without checking anything (what a change stream's snapshot
         holds); each node's `"health"` is its last `/health` answer."""
-        return self._summary({node_id: info.health for node_id, info in self._nodes.items()})
+        return self._summary(self._table.values(), None)
 
-    def _summary(self, health: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
-        nodes = {node_id: {**info.to_dict(), "health": health.get(node_id)} for node_id, info in self._nodes.items()}
-        healthy = [info for info in self._nodes.values() if info.is_healthy]
+    def _summary(self, infos: list[NodeInfo], health: Mapping[str, dict[str, Any]] | None) -> dict[str, Any]:
+        table = self._table
+        current = self._nodes
+        nodes = {
+            info.node_id: info.status_entry(info.health if health is None else health.get(info.node_id, info.health))
+            for info in infos
+            if current.get(info.node_id) is info  # not one that left (or moved) while others were checked
+        }
         status: dict[str, Any] = {
-            "total_nodes": len(nodes),
-            "healthy_nodes": len(healthy),
-            "unhealthy_nodes": len(nodes) - len(healthy),
-            "total_processes": sum(info.process_count for info in healthy),
+            "total_nodes": len(table),
+            "healthy_nodes": table.healthy,
+            "unhealthy_nodes": len(table) - table.healthy,
+            "total_processes": table.processes,
             "nodes": nodes,
         }
-        if self.discovery is not None:
-            status["discovery"] = self._discovery_health.to_dict()
+        if self._backend is not None:
+            self._backend.note_watch()
+            status["discovery"] = self._backend.health.to_dict()
         return status
 
     # -- change stream -------------------------------------------------------------------------------------
@@ -695,36 +638,13 @@ class RuntimeCoordinator:
     # -- plumbing -------------------------------------------------------------------------------------------
 
     def _client(self, info: NodeInfo) -> NodeClient:
-        token = info.auth_token or self._auth_token
-        key = (info.url, token)
-        entry = self._pools.get(info.node_id)
-        if entry is None or entry[0] != key:
-            if entry is not None:
-                self._retired.append(entry[1])
-            pool = httpx.AsyncClient(verify=self._ssl, limits=_NODE_POOL_LIMITS)
-            entry = self._pools[info.node_id] = (key, pool)
-        return NodeClient.from_client(
-            entry[1],
-            info.url,
-            auth_token=token,
-            timeout=self.request_timeout,
-            max_response_bytes=self.max_response_bytes,
-        )
+        return self._pools.client(info.node_id, info.url, info.auth_token or self._auth_token)
 
     def _retire(self, node_id: str, url: str) -> None:
-        """Schedule the closing of what was kept open for a node that left (or moved)."""
-        self._forgotten.append(url)
-        entry = self._pools.pop(node_id, None)
-        if entry is not None:
-            self._retired.append(entry[1])
+        self._pools.retire(node_id, url)
 
     async def _close_retired(self) -> None:
-        retired, self._retired = self._retired, []
-        forgotten, self._forgotten = self._forgotten, []
-        for pool in retired:
-            await pool.aclose()
-        for url in forgotten:
-            await self._probe.forget(url)
+        await self._pools.close_retired()
 
     async def _run_monitor(self) -> None:
         while True:
@@ -737,14 +657,14 @@ class RuntimeCoordinator:
     async def aclose(self) -> None:
         """Close every node's connection pool and end the change streams."""
         self._changes.close()
-        self._retired.extend(pool for _, pool in self._pools.values())
-        self._pools.clear()
-        await self._close_retired()
+        await self._pools.aclose()
         await self._probe.aclose()
 
     async def __aenter__(self) -> RuntimeCoordinator:
         monitor = anyio.create_task_group()
         await monitor.__aenter__()
+        if self._backend is not None and self._backend.start_following():
+            monitor.start_soon(self._backend.follow)  # before the first round, which then lists nothing
         monitor.start_soon(self._run_monitor)
         self._monitor = monitor
         return self
@@ -758,6 +678,8 @@ class RuntimeCoordinator:
                 monitor.cancel_scope.cancel()
                 await monitor.__aexit__(None, None, None)
         finally:
+            if self._backend is not None:
+                self._backend.following = False
             await self.aclose()
 
     def __repr__(self) -> str:

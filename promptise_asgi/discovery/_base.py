@@ -1,14 +1,15 @@
 """What every discovery backend is, and what it hands out.
 
 `ProcessDiscovery` is the Protocol every backend satisfies; optional abilities are small Protocols of their own
-(`SupportsHeartbeat`, `SupportsWatch`, `HasTTL`, `HasEndpoints`, `SupportsAclose`), checked with `isinstance`.
+(`SupportsHeartbeat`, `SupportsWatch`, `ReportsWatchError`, `HasTTL`, `HasEndpoints`, `SupportsAclose`), checked with
+`isinstance`.
 `DiscoveredNode` and `NodeChange` are the records. Knows nothing of HTTP, Starlette or the runtime.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -18,6 +19,7 @@ __all__ = [
     "HasTTL",
     "NodeChange",
     "ProcessDiscovery",
+    "ReportsWatchError",
     "SupportsAclose",
     "SupportsHeartbeat",
     "SupportsWatch",
@@ -95,8 +97,25 @@ class SupportsHeartbeat(Protocol):
 class SupportsWatch(Protocol):
     """A backend that streams joins and leaves as they happen (etcd)."""
 
-    def watch(self, *, include_existing: bool = False) -> AsyncIterator[NodeChange]:
-        """Yield a `NodeChange` for every join and leave, from now on (after the current nodes, if asked)."""
+    def watch(
+        self, *, include_existing: bool = False, known: Iterable[DiscoveredNode] | None = None
+    ) -> AsyncIterator[NodeChange]:
+        """Yield a `NodeChange` for every join and leave, from now on (after the current nodes, if asked).
+
+        `known` is what the caller holds already (say, its table before the watch stopped): the watch then
+        starts with the differences from it, a join for each node new or changed (url or metadata) and a leave
+        for each one gone, so the caller is exact again without listing the registry itself.
+        """
+        ...
+
+
+@runtime_checkable
+class ReportsWatchError(Protocol):
+    """A watching backend that says when its `watch()` cannot follow the registry (etcd out of reach)."""
+
+    @property
+    def watch_error(self) -> str | None:
+        """Why a running watch cannot follow the registry now; None while it does."""
         ...
 
 

@@ -45,6 +45,8 @@ class CoordinatorDiscovery:
         self.coordinator_url = normalize_url(coordinator_url)
         # The coordinator's registry TTL, learnt from its answer to `register` (None until then).
         self.ttl: float | None = None
+        # How often the coordinator asks its nodes to heartbeat, learnt the same way (None until then).
+        self.heartbeat_interval: float | None = None
         self._client = CoordinatorClient(
             self.coordinator_url, auth_token=auth_token, timeout=timeout, transport=transport
         )
@@ -75,15 +77,24 @@ class CoordinatorDiscovery:
         if ttl is not None:
             with contextlib.suppress(ValueError):  # a coordinator that says nothing sensible keeps our default
                 self.ttl = check_seconds("ttl", ttl)
+        interval = answer.get("heartbeat_interval")
+        if interval is not None:
+            with contextlib.suppress(ValueError):
+                self.heartbeat_interval = check_seconds("heartbeat_interval", interval)
 
-    async def heartbeat(self, node_id: str) -> bool:
+    async def heartbeat(self, node_id: str, digest: dict[str, Any] | None = None) -> bool:
         """Refresh a node's registration; False when the coordinator does not know it (register again).
+
+        Args:
+            node_id: the node.
+            digest: what the node runs (`{"process_count", "processes": [{"name", "state", "queue_size"}]}`):
+                the coordinator then takes the node's health from its heartbeats instead of polling it.
 
         Raises:
             CoordinatorError: any refusal other than 404.
             CoordinatorUnreachableError: the coordinator is down.
         """
-        return await self._client.heartbeat(node_id)
+        return await self._client.heartbeat(node_id, digest)
 
     async def unregister(self, node_id: str) -> None:
         """Remove a node; an unknown node is a no-op."""

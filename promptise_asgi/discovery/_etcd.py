@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -86,6 +86,7 @@ class EtcdDiscovery:
         self._watch_scopes: set[anyio.CancelScope] = set()
         self._requests_in_watch = 0
         self._watch_requests_done: anyio.Event | None = None
+        self._watch_error: str | None = None
         self._closed = False
         self.watch_backoff = (0.1, 2.0)
 
@@ -112,6 +113,11 @@ class EtcdDiscovery:
     def ttl(self) -> int:
         """The lease time-to-live in whole seconds."""
         return self._ttl
+
+    @property
+    def watch_error(self) -> str | None:
+        """Why a running `watch()` cannot reach etcd now (it keeps retrying); None while it follows etcd."""
+        return self._watch_error
 
     async def __aenter__(self) -> EtcdDiscovery:
         return self
@@ -237,7 +243,9 @@ class EtcdDiscovery:
 
     # --- watch ------------------------------------------------------------------------------------------
 
-    async def watch(self, *, include_existing: bool = False) -> AsyncGenerator[NodeChange, None]:
+    async def watch(
+        self, *, include_existing: bool = False, known: Iterable[DiscoveredNode] | None = None
+    ) -> AsyncGenerator[NodeChange, None]:
         """Stream join and leave changes under the prefix, as they happen.
 
         A put is a `"join"` (also a re-registration), a delete or a lease expiry a `"leave"`. When the stream
@@ -249,16 +257,21 @@ class EtcdDiscovery:
         this instance is closed. Close it explicitly (`async with contextlib.aclosing(d.watch()) as changes:`)
         rather than leaving it to the garbage collector.
 
+        While it cannot reach etcd, `watch_error` says why.
+
         Args:
             include_existing: first emit a join for every node already registered.
+            known: the nodes the caller holds already: the watch starts with the differences from them (a join
+                for each node new or changed, a leave for each one gone) instead of a join for every node.
 
         Yields:
             `NodeChange(kind, node_id, node)`, with `node` None on leave.
         """
         self._check_open()
-        known: dict[str, DiscoveredNode] = {}
-        seeded = False
+        held: dict[str, DiscoveredNode] = {} if known is None else {node.node_id: node for node in known}
+        seeded = known is not None
         next_revision: int | None = None
+        read_once = False  # whether etcd was read yet: the first reading is compared with the caller's `known`
         response: httpx.Response | None = None
         lines: AsyncIterator[str] | None = None
         delay = self.watch_backoff[0]
@@ -270,14 +283,19 @@ class EtcdDiscovery:
                         try:
                             snapshot = await self._uncut(self._snapshot())
                         except EtcdUnavailableError as exc:
+                            self._watch_error = str(exc)
                             logger.warning("etcd watch: %s; retrying in %.1fs", exc, delay)
                             await anyio.sleep(delay)
                             delay = min(delay * 2, self.watch_backoff[1])
                     if snapshot is None:
                         continue
                     nodes, revision = snapshot
-                    changes = _diff(known, nodes) if seeded or include_existing else []
-                    known, seeded, next_revision = nodes, True, revision + 1
+                    self._watch_error = None
+                    changes: list[NodeChange] = []
+                    if seeded or include_existing:
+                        # The caller's picture has no registration times: compare what a node is, not when it came.
+                        changes = _diff(held, nodes, by_content=known is not None and not read_once)
+                    held, seeded, next_revision, read_once = nodes, True, revision + 1, True
                     for change in changes:
                         yield change
                     continue
@@ -285,7 +303,9 @@ class EtcdDiscovery:
                     try:
                         response = await self._uncut(self._open_watch(next_revision))
                         lines = response.aiter_lines()
+                        self._watch_error = None
                     except EtcdUnavailableError as exc:
+                        self._watch_error = str(exc)
                         logger.warning("etcd watch: %s; retrying in %.1fs", exc, delay)
                         await anyio.sleep(delay)
                         delay = min(delay * 2, self.watch_backoff[1])
@@ -319,7 +339,7 @@ class EtcdDiscovery:
                     for event in message.get("events", []):
                         kv = event.get("kv", {})
                         next_revision = max(next_revision, int(kv.get("mod_revision", 0)) + 1)
-                        event_change = self._change(event.get("type", "PUT"), kv, known)
+                        event_change = self._change(event.get("type", "PUT"), kv, held)
                         if event_change is not None:
                             changes.append(event_change)
                     for change in changes:
@@ -495,7 +515,18 @@ class EtcdDiscovery:
         return NodeChange("join", node.node_id, node)
 
 
-def _diff(before: dict[str, DiscoveredNode], after: dict[str, DiscoveredNode]) -> list[NodeChange]:
+def _diff(
+    before: dict[str, DiscoveredNode], after: dict[str, DiscoveredNode], *, by_content: bool = False
+) -> list[NodeChange]:
+    """Joins and leaves from `before` to `after`; `by_content` compares url and metadata only."""
+
+    def same(old: DiscoveredNode | None, new: DiscoveredNode) -> bool:
+        if old is None:
+            return False
+        return (old.url, old.metadata) == (new.url, new.metadata) if by_content else old == new
+
     changes = [NodeChange("leave", node_id) for node_id in before if node_id not in after]
-    changes += [NodeChange("join", node_id, node) for node_id, node in after.items() if before.get(node_id) != node]
+    changes += [
+        NodeChange("join", node_id, node) for node_id, node in after.items() if not same(before.get(node_id), node)
+    ]
     return changes

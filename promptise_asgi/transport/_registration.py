@@ -3,9 +3,11 @@
 Registers in the background from the moment it starts (a dead or silent backend never delays the node's
 start), heartbeats every `interval`, registers again when a heartbeat says the backend forgot the node (a
 restarted coordinator, an expired lease), backs off while the backend fails, and unregisters at stop.
-Failures never reach the node, whose API keeps serving: they are logged with what to do about them (a
-refused token at ERROR), again every `REPEAT_LOG_SECONDS` while they last, and shown in the node's
-`GET /status` as `"registration"`. Knows the discovery Protocol and the package's errors, not HTTP servers.
+Heartbeats to a coordinator carry a digest of the node's processes (`runtime_digest`), so the coordinator
+takes the node's health from them instead of polling it. Failures never reach the node, whose API keeps
+serving: they are logged with what to do about them (a refused token at ERROR), again every
+`REPEAT_LOG_SECONDS` while they last, and shown in the node's `GET /status` as `"registration"`. Knows the
+discovery Protocol, the package's errors and the runtime's Protocols (for the digest), not HTTP servers.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from ..discovery import (
     SupportsAclose,
     SupportsHeartbeat,
 )
+from ._promptise import state_name
+from ._shape import RuntimeLike
 
 if TYPE_CHECKING:
     from ..config import NodeSettings
 
-__all__ = ["SelfRegistration", "discovery_for", "registration_for", "registration_url"]
+__all__ = ["SelfRegistration", "discovery_for", "registration_for", "registration_url", "runtime_digest"]
 
 logger = logging.getLogger("promptise_asgi.registration")
 
@@ -53,6 +57,11 @@ class SelfRegistration:
     a conflicting node, a URL it will not call), "unavailable" (the backend cannot take registrations now),
     "unreachable" (no answer), "failing" (any other error) and "stopped"; `last_error` says why, and what
     to do, while it is not registered.
+
+    With `digest` (a callable returning `runtime_digest(...)`), each heartbeat to a coordinator carries what
+    the node runs; a coordinator that finds it too large gets the process count alone. Without an
+    `interval`, the node heartbeats as often as the coordinator asks in its registration answer (else a
+    third of the backend's TTL, else every 10 s).
     """
 
     def __init__(
@@ -64,11 +73,12 @@ class SelfRegistration:
         interval: float | None = None,
         metadata: dict[str, Any] | None = None,
         close_discovery: bool = False,
+        digest: Callable[[], dict[str, Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._follow_ttl = interval is None
         if interval is None:
-            interval = _third_of_ttl(discovery) or DEFAULT_INTERVAL
+            interval = _suggested_interval(discovery) or DEFAULT_INTERVAL
         interval = check_seconds("heartbeat_interval", interval)
         self.discovery = discovery
         self.node_id = node_id
@@ -76,6 +86,7 @@ class SelfRegistration:
         self.interval = interval
         self.metadata = metadata
         self.close_discovery = close_discovery
+        self.digest = digest
         self.state: State = "registering"
         self.last_error: str | None = None
         self._clock = clock
@@ -124,8 +135,8 @@ class SelfRegistration:
             self._failed(exc)
             return False
         if self._follow_ttl:
-            # A remote registry (a coordinator) tells its TTL only when answering a registration.
-            self.interval = _third_of_ttl(self.discovery) or self.interval
+            # A remote registry (a coordinator) tells its TTL and interval only when answering a registration.
+            self.interval = _suggested_interval(self.discovery) or self.interval
         if self._trouble_since is not None:
             # As loud as a warning: whoever watches warnings and errors saw the trouble, and must see it end.
             logger.warning(
@@ -140,13 +151,21 @@ class SelfRegistration:
         self.state, self.last_error = "registered", None
         self._ever_registered = True
         self._trouble_since = self._logged = None
+        if self.digest is not None and isinstance(self.discovery, CoordinatorDiscovery):
+            # A digest at once: the coordinator takes this node's health from it instead of polling the node
+            # until the next heartbeat (at a coordinator restart, every node registers again at once).
+            try:
+                await self._heartbeat(self.discovery)
+            except Exception as exc:  # the registration stands; the next heartbeat tries again
+                logger.debug("node %s: first heartbeat failed: %s", self.node_id, exc)
         return True
 
     async def _beat(self) -> bool:
-        if not self.registered or not isinstance(self.discovery, SupportsHeartbeat):
+        discovery = self.discovery
+        if not self.registered or not isinstance(discovery, SupportsHeartbeat):
             return await self._register()
         try:
-            known = await self.discovery.heartbeat(self.node_id)
+            known = await self._heartbeat(discovery)
         except Exception as exc:
             self._failed(exc)
             return False
@@ -154,6 +173,28 @@ class SelfRegistration:
             logger.info("discovery forgot node %s; registering again", self.node_id)
             return await self._register()
         return True
+
+    async def _heartbeat(self, discovery: SupportsHeartbeat) -> bool:
+        digest = self._digest() if isinstance(discovery, CoordinatorDiscovery) else None
+        if digest is None or not isinstance(discovery, CoordinatorDiscovery):
+            return await discovery.heartbeat(self.node_id)
+        try:
+            return await discovery.heartbeat(self.node_id, digest)
+        except NodeError as exc:
+            if exc.status_code != 413 or "processes" not in digest:
+                raise
+            # The coordinator takes smaller digests than this node's list: the count still spares it a poll.
+            logger.info("node %s: the coordinator refused a digest this large; sending the process count", self.node_id)
+            return await discovery.heartbeat(self.node_id, {"process_count": digest.get("process_count", 0)})
+
+    def _digest(self) -> dict[str, Any] | None:
+        if self.digest is None:
+            return None
+        try:
+            return self.digest()
+        except Exception:  # a runtime that cannot say what it runs still heartbeats (and is polled)
+            logger.exception("node %s: could not build the heartbeat digest", self.node_id)
+            return None
 
     def _failed(self, exc: Exception) -> None:
         state, level, message = _explain(exc, self.node_id, self.url)
@@ -238,9 +279,25 @@ def describe_backend(discovery: ProcessDiscovery) -> str:
     return discovery.description if isinstance(discovery, HasEndpoints) else type(discovery).__name__
 
 
-def _third_of_ttl(discovery: ProcessDiscovery) -> float | None:
+def _suggested_interval(discovery: ProcessDiscovery) -> float | None:
+    """What the backend asks for (a coordinator's `heartbeat_interval`), else a third of its TTL."""
+    if isinstance(discovery, CoordinatorDiscovery) and discovery.heartbeat_interval is not None:
+        return discovery.heartbeat_interval
     ttl = discovery.ttl if isinstance(discovery, HasTTL) else None
     return None if ttl is None else ttl / 3
+
+
+def runtime_digest(runtime: RuntimeLike) -> dict[str, Any]:
+    """What a node runs, as its heartbeats tell the coordinator: `{"process_count", "processes": [{"name",
+    "state", "queue_size"}]}` (`queue_size` where the runtime's process status gives it)."""
+    processes = []
+    for name, process in list(runtime.processes.items()):
+        entry: dict[str, Any] = {"name": str(name), "state": state_name(process)}
+        queued = process.status().get("queue_size")
+        if isinstance(queued, int) and not isinstance(queued, bool):
+            entry["queue_size"] = queued
+        processes.append(entry)
+    return {"process_count": len(processes), "processes": processes}
 
 
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})

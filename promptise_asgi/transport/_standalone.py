@@ -5,6 +5,7 @@ Knows the node app, the server driver and the registration loop; not the HTTP AP
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -17,7 +18,7 @@ from .._server import AppServer, ServerName
 from .._validation import exposed_without_token, normalize_tokens
 from ..discovery import ProcessDiscovery
 from ._app import create_transport_app, node_lifespan
-from ._registration import SelfRegistration, registration_url
+from ._registration import SelfRegistration, registration_url, runtime_digest
 from ._shape import RuntimeLike
 
 __all__ = ["RuntimeTransport"]
@@ -178,7 +179,13 @@ class RuntimeTransport:
         if self.discovery is None:
             return None
         url = self.advertise_url or await registration_url(self.url, self.host, self.discovery, self.node_id)
-        registration = SelfRegistration(self.discovery, self.node_id, url, interval=self.heartbeat_interval)
+        registration = SelfRegistration(
+            self.discovery,
+            self.node_id,
+            url,
+            interval=self.heartbeat_interval,
+            digest=functools.partial(runtime_digest, self.runtime),
+        )
         self.app.state.node.registration = registration  # the node's GET /status shows it
         return registration
 
