@@ -329,6 +329,10 @@ class TestClientPages:
         async with CoordinatorClient(BASE, transport=transport) as client:
             page = await client.node_page(limit=3, q="r7", after="n0100")
             assert [n["node_id"] for n in page["nodes"]] == ["n0200", "n0300", "n0400"] and page["next"] == "n0400"
+            # A filtered page that ends on the last match gives no cursor: Next never leads to an empty page.
+            last = await client.node_page(limit=4, q="r7", after="n1000")
+            assert [n["node_id"] for n in last["nodes"]] == ["n1100", "n1200", "n1300", "n1400"]
+            assert last["next"] is None
             status = await client.cluster_status(limit=2)
             assert list(status["nodes"]) == ["n0000", "n0001"] and status["total_nodes"] == 1500
         await coordinator.aclose()

@@ -175,7 +175,7 @@ class TestDashboard:
             def received() -> int:
                 return int(process_row(browser, "watcher").find_elements(By.TAG_NAME, "td")[3].text)
 
-            before = received()
+            before = eventually(lambda: (received(),), "the received count")[0]  # rows are redrawn on changes
             from selenium.webdriver.support.ui import Select
 
             Select(browser.find_element(By.ID, "inject-process")).select_by_visible_text("watcher")
@@ -184,7 +184,7 @@ class TestDashboard:
             payload.send_keys("not json")
             button(browser.find_element(By.ID, "inject-form"), "Inject").click()
             assert "not JSON" in eventually(lambda: browser.find_element(By.ID, "inject-result").text, "refusal")
-            assert received() == before  # nothing was sent
+            assert eventually(lambda: (received(),), "the received count")[0] == before  # nothing was sent
             payload.clear()
             payload.send_keys('{"order": 42}')
             button(browser.find_element(By.ID, "inject-form"), "Inject").click()
@@ -272,11 +272,26 @@ class TestDashboard:
             elapsed = time.monotonic() - started
             assert elapsed < 1.0, f"first render took {elapsed:.2f}s"
             assert len(browser.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")) == 100
+
+            # Pages come from the coordinator (`GET /cluster/nodes?after=`), forward and back.
             button(browser, "Next").click()
             assert eventually(lambda: cells(browser, "n0100"), "page 2")
+            assert browser.find_element(By.ID, "page-info").text == "101-200 of 1000"
+            button(browser, "Previous").click()
+            eventually(lambda: browser.find_element(By.ID, "page-info").text == "1-100 of 1000", "page 1 again")
+
+            # A node that joins on the page shown appears in place; the rows around it are the same elements.
+            browser.execute_script("document.querySelector('#nodes tr[data-node=n0001]').dataset.marked = 'yes'")
+            body = {"node_id": "n0000a", "url": "http://127.0.9.9:9", "metadata": {}}
+            assert client.post("/cluster/nodes", json=body).status_code == 200
+            eventually(lambda: browser.find_element(By.ID, "page-info").text == "1-100 of 1001", "the join")
+            assert cells(browser, "n0000a")[1] == "http://127.0.9.9:9"
+            assert row(browser, "n0001").get_attribute("data-marked") == "yes"
+
             search = browser.find_element(By.CSS_SELECTOR, "input[type=search]")
             search.send_keys("eu-west")
             eventually(lambda: browser.find_element(By.ID, "page-info").text == "1-10 of 10", "filtered")
+            assert browser.find_element(By.ID, "next").get_attribute("disabled") is not None
             assert errors_in_console(browser) == []
 
 

@@ -276,7 +276,9 @@ class NodeTable:
     ) -> tuple[list[NodeInfo], str | None]:
         """Up to `limit` nodes with ids greater than `after`, in id order, that pass the filters.
 
-        A page without filters costs a bisection and its length; a filtered one reads ids until it is full.
+        A page without filters costs a bisection and its length; a filtered one reads ids until it is full and
+        then on to the next match, so that a cursor is given only when another page holds something (a
+        dashboard's `Next` never leads to an empty page).
         Taken at one instant (no await): nodes that join or leave between pages never make a node appear
         twice, and a node present from the first page to the last appears exactly once.
 
@@ -298,11 +300,12 @@ class NodeTable:
         else:
             found = []
             more = False
+            nodes = self._nodes
             for i in range(start, len(order)):
-                info = self._nodes[order[i]]
+                info = nodes[order[i]]
                 if info.matches(health, query):
-                    found.append(info)
                     if len(found) == limit:
-                        more = i + 1 < len(order)
+                        more = True
                         break
+                    found.append(info)
         return found, (found[-1].node_id if more and found else None)

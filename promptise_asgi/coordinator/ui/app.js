@@ -10,10 +10,15 @@ const TOKEN_KEY = "promptise-asgi-token";
 const state = {
   token: sessionStorage.getItem(TOKEN_KEY),
   scope: "open",
-  nodes: new Map(), // node id -> the node's entry of /cluster/status
-  rows: new Map(), // node id -> its <tr>, reused across renders
-  page: 0,
+  nodes: new Map(), // node id -> {status, process_count}: enough for the summary, kept from the stream
+  page: new Map(), // node id -> its entry of /cluster/nodes, for the page on screen
+  rows: new Map(), // node id -> its <tr>, for the page on screen
+  cursors: [null], // the `after` of each page up to the one on screen (server-side paging)
+  next: null, // the `next` cursor of the page on screen
+  total: 0,
   filter: "",
+  loading: null, // the page request in flight (a newer one supersedes it)
+  reload: null, // a pending reload of the page (joins and leaves, the filter box), debounced
   selected: null,
   lastEventId: null,
 };
@@ -95,20 +100,32 @@ $("login-form").addEventListener("submit", (event) => {
 });
 
 // -- the node table ---------------------------------------------------------------------------------------
+// The table shows one page of `GET /cluster/nodes` (sorted, filtered and paged by the coordinator); the stream
+// keeps the summary and the rows on screen current, and a join or a leave reloads the page.
 
 function applySnapshot(status) {
-  state.nodes = new Map(Object.entries(status.nodes || {}));
+  state.nodes = new Map(Object.entries(status.nodes || {}).map(([id, node]) => [id, summaryOf(node)]));
   renderSummary(status);
-  renderTable();
+  loadPage();
+}
+
+function summaryOf(node) {
+  return { status: node.status, process_count: node.process_count || 0 };
 }
 
 function renderSummary(status) {
-  const nodes = [...state.nodes.values()];
-  const healthy = nodes.filter((node) => node.status === "healthy");
-  $("total-nodes").textContent = nodes.length;
-  $("healthy-nodes").textContent = healthy.length;
-  $("unhealthy-nodes").textContent = nodes.length - healthy.length;
-  $("total-processes").textContent = healthy.reduce((sum, node) => sum + (node.process_count || 0), 0);
+  let healthy = 0;
+  let processes = 0;
+  for (const node of state.nodes.values()) {
+    if (node.status === "healthy") {
+      healthy += 1;
+      processes += node.process_count || 0;
+    }
+  }
+  $("total-nodes").textContent = state.nodes.size;
+  $("healthy-nodes").textContent = healthy;
+  $("unhealthy-nodes").textContent = state.nodes.size - healthy;
+  $("total-processes").textContent = processes;
   const discovery = status && status.discovery;
   if (discovery) {
     $("discovery").hidden = discovery.ok;
@@ -129,31 +146,67 @@ function age(seconds) {
   return `${Math.round(ago / 3600)} h ago`;
 }
 
-function matches(node, filter) {
-  if (!filter) return true;
-  const text = [node.node_id, health(node), ...Object.entries(node.metadata || {}).flat()].join(" ").toLowerCase();
-  return text.includes(filter);
+const HEALTH_WORDS = new Map([["healthy", "healthy"], ["unhealthy", "unhealthy"], ["unknown", "unknown"],
+  ["missed check", "missed_check"], ["missed_check", "missed_check"]]);
+
+function pageQuery() {
+  const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  const after = state.cursors[state.cursors.length - 1];
+  if (after !== null) query.set("after", after);
+  // The box filters by id or metadata; a health word filters by health instead.
+  const words = state.filter;
+  if (HEALTH_WORDS.has(words)) query.set("health", HEALTH_WORDS.get(words));
+  else if (words) query.set("q", words);
+  return query;
 }
 
-function visibleIds() {
-  return [...state.nodes.keys()].sort().filter((id) => matches(state.nodes.get(id), state.filter));
+async function loadPage() {
+  clearTimeout(state.reload);
+  state.reload = null;
+  const request = (state.loading = json(`cluster/nodes?${pageQuery()}`));
+  let page;
+  try {
+    page = await request;
+  } catch (error) {
+    if (state.loading === request) $("page-info").textContent = `error: ${error.message}`;
+    return;
+  } finally {
+    if (state.loading === request) state.loading = null;
+  }
+  if (state.loading !== null) return; // a newer request was sent meanwhile: its answer draws the page
+  if (!page.nodes.length && state.cursors.length > 1) {
+    state.cursors.pop(); // this page emptied (its nodes left): show the one before
+    loadPage();
+    return;
+  }
+  state.page = new Map(page.nodes.map((node) => [node.node_id, node]));
+  state.next = page.next;
+  state.total = page.total;
+  renderTable();
+}
+
+function scheduleReload() {
+  if (state.reload === null) state.reload = setTimeout(loadPage, 250);
 }
 
 function renderTable() {
-  const ids = visibleIds();
-  const pages = Math.max(1, Math.ceil(ids.length / PAGE_SIZE));
-  state.page = Math.min(state.page, pages - 1);
-  const shown = ids.slice(state.page * PAGE_SIZE, (state.page + 1) * PAGE_SIZE);
-  const body = document.querySelector("#nodes tbody");
-  const rows = shown.map((id) => rowFor(id));
-  body.replaceChildren(...rows);
-  $("page-info").textContent = `${ids.length ? state.page * PAGE_SIZE + 1 : 0}-${state.page * PAGE_SIZE + shown.length} of ${ids.length}`;
-  $("previous").disabled = state.page === 0;
-  $("next").disabled = state.page >= pages - 1;
+  const rows = new Map();
+  for (const [id, node] of state.page) rows.set(id, rowFor(id, node, state.rows.get(id)));
+  state.rows = rows;
+  document.querySelector("#nodes tbody").replaceChildren(...rows.values());
+  const first = (state.cursors.length - 1) * PAGE_SIZE;
+  const shown = state.page.size;
+  const range = shown ? `${first + 1}-${first + shown}` : "0";
+  let info;
+  if (!state.filter) info = `${range} of ${state.total}`;
+  else if (state.next === null) info = `${range} of ${first + shown}`;
+  else info = `${range} matching, more follow`;
+  $("page-info").textContent = info;
+  $("previous").disabled = state.cursors.length === 1;
+  $("next").disabled = state.next === null;
 }
 
-function rowFor(id) {
-  let row = state.rows.get(id);
+function rowFor(id, node, row) {
   if (!row) {
     row = element("tr");
     row.dataset.node = id;
@@ -163,9 +216,8 @@ function rowFor(id) {
     const first = element("td");
     first.append(button);
     row.append(first, element("td"), element("td"), element("td"), element("td"), element("td"));
-    state.rows.set(id, row);
   }
-  fillRow(row, state.nodes.get(id));
+  fillRow(row, node);
   return row;
 }
 
@@ -180,37 +232,45 @@ function fillRow(row, node) {
 }
 
 function updateNode(id, fields) {
-  const node = { ...(state.nodes.get(id) || { node_id: id, metadata: {} }), ...fields };
-  const known = state.nodes.has(id);
-  state.nodes.set(id, node);
+  const known = state.nodes.get(id) || { status: "unknown", process_count: 0 };
+  state.nodes.set(id, { ...known, ...Object.fromEntries(Object.entries(fields).filter(([key]) => key in known)) });
   renderSummary(null);
-  const row = state.rows.get(id);
-  if (known && row && row.isConnected) {
-    fillRow(row, node); // only the changed row is touched
-  } else if (!known) {
-    renderTable();
+  const node = state.page.get(id);
+  if (node) {
+    Object.assign(node, fields);
+    fillRow(state.rows.get(id), node); // only the changed row is touched
   }
+}
+
+function addNode(id) {
+  state.nodes.set(id, { status: "unknown", process_count: 0 });
+  renderSummary(null);
+  scheduleReload(); // the page decides whether it belongs on screen
 }
 
 function removeNode(id) {
   state.nodes.delete(id);
-  const row = state.rows.get(id);
-  state.rows.delete(id);
-  if (row) row.remove();
   renderSummary(null);
+  const row = state.rows.get(id);
+  if (row) {
+    row.remove();
+    state.rows.delete(id);
+    state.page.delete(id);
+    scheduleReload(); // the next node moves up into the page
+  }
   if (state.selected === id) $("detail").hidden = true;
-  renderTable();
 }
 
 $("filter").addEventListener("input", () => {
   state.filter = $("filter").value.trim().toLowerCase();
-  state.page = 0;
-  renderTable();
+  state.cursors = [null];
+  clearTimeout(state.reload);
+  state.reload = setTimeout(loadPage, 150); // one request once typing pauses, not one per key
 });
-$("previous").addEventListener("click", () => { state.page -= 1; renderTable(); });
-$("next").addEventListener("click", () => { state.page += 1; renderTable(); });
+$("previous").addEventListener("click", () => { state.cursors.pop(); loadPage(); });
+$("next").addEventListener("click", () => { state.cursors.push(state.next); loadPage(); });
 setInterval(() => {
-  for (const [id, row] of state.rows) if (row.isConnected) row.children[4].textContent = age(state.nodes.get(id)?.last_seen);
+  for (const [id, row] of state.rows) row.children[4].textContent = age(state.page.get(id)?.last_seen);
 }, 5000);
 
 // -- one node's processes ---------------------------------------------------------------------------------
@@ -336,7 +396,7 @@ function apply(change) {
   }
   feed(change);
   if (change.type === "node.joined") {
-    updateNode(data.node_id, { node_id: data.node_id, url: data.url, metadata: data.metadata, status: "unknown" });
+    addNode(data.node_id);
   } else if (change.type === "node.left") {
     removeNode(data.node_id);
   } else if (change.type === "node.health") {
@@ -345,7 +405,7 @@ function apply(change) {
       missed_check: data.missed_check,
       process_count: data.process_count,
       last_error: data.error || null,
-      last_seen: data.healthy && !data.missed_check ? Date.now() / 1000 : state.nodes.get(data.node_id)?.last_seen,
+      last_seen: data.healthy && !data.missed_check ? Date.now() / 1000 : state.page.get(data.node_id)?.last_seen,
     });
   } else if (change.type === "node.processes") {
     updateNode(data.node_id, { process_count: data.processes.length });
