@@ -410,18 +410,8 @@ def render(results: dict[str, Any]) -> str:
     Returns:
         The table as text.
     """
-    header = ["metric", "ours", "ceiling / baseline", "original", "ratio", "SPEC target", "met?"]
-    sections: list[tuple[str, list[list[str]]]] = []
-    if "http" in results:
-        title = "node API under HTTP load (wrk; medians of rounds; ratio = median of per-round ours / ceiling)"
-        sections.append((title, _http_rows(results["http"])))
-        sections.append(("event path end to end (all POST /event runs)", _event_rows(results["http"])))
-    if "fanout" in results:
-        sections.append(("coordinator fan-out (median)", _fanout_rows(results["fanout"])))
-    if "startup" in results:
-        sections.append(("transport start/stop (median)", _startup_rows(results["startup"])))
-    if results.get("others"):
-        sections.append(("other benchmark scripts", _other_rows(results["others"])))
+    header = list(HEADER)
+    sections = table_sections(results)
     all_rows = [header] + [row for _, rows in sections for row in rows]
     widths = [max(len(row[i]) for row in all_rows) for i in range(len(header))]
 
@@ -433,6 +423,109 @@ def render(results: dict[str, Any]) -> str:
         out.append(f"[{title}]")
         out.extend(line(row) for row in rows)
     return "\n".join(out)
+
+
+HEADER = ("metric", "ours", "ceiling / baseline", "original", "ratio", "SPEC target", "met?")
+
+
+def table_sections(results: dict[str, Any]) -> list[tuple[str, list[list[str]]]]:
+    """The table's sections: a title and its rows (cells in `HEADER` order)."""
+    sections: list[tuple[str, list[list[str]]]] = []
+    if "http" in results:
+        title = "node API under HTTP load (wrk; medians of rounds; ratio = median of per-round ours / ceiling)"
+        sections.append((title, _http_rows(results["http"])))
+        sections.append(("event path end to end (all POST /event runs)", _event_rows(results["http"])))
+    if "fanout" in results:
+        sections.append(("coordinator fan-out (median)", _fanout_rows(results["fanout"])))
+    if "startup" in results:
+        sections.append(("transport start/stop (median)", _startup_rows(results["startup"])))
+    if results.get("others"):
+        sections.append(("other benchmark scripts", _other_rows(results["others"])))
+    return sections
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the figures the README and the performance page show (written from a full run, never copied by hand)
+# --------------------------------------------------------------------------------------------------------------
+
+SUMMARY = REPO / "bench" / "results" / "summary.md"
+CURVE = REPO / "bench" / "results" / "curve.md"
+README = REPO / "README.md"
+README_START = "<!-- latest figures: written by scripts/bench from a full run -->"
+README_END = "<!-- end of latest figures -->"
+# The rows the README shows, by metric: one per SPEC target a reader asks about first.
+SUMMARY_METRICS = (
+    "GET /health req/s",
+    "POST /event req/s",
+    "POST /event, SQLite store req/s",
+    "events lost (202, then gone)",
+    "kill -9 under POST /event load: 202s lost",
+    "coordinator CPU, 10,000 nodes heartbeating every 10 s",
+    "GET /cluster/status?limit=100, 10,000 nodes, p50 / p99",
+    "full cluster status, 10,000 nodes",
+    "one change reaches 100 stream readers (median of 20)",
+    "node RSS, 1,000 distinct 48 KB Hosts + 1 MiB headers",
+)
+_SIZED = re.compile(r"^(?P<what>.*?),? (?P<size>[\d,]+) nodes(?P<rest>.*)$")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """The README's table: the headline rows of the run, ours beside the ratio, target and verdict."""
+    rows = {row[0]: row for _, section in table_sections(results) for row in section}
+    lines = ["| measured | ours | ratio | target | met? |", "|---|---|---|---|---|"]
+    for metric in SUMMARY_METRICS:
+        row = rows.get(metric)
+        if row is not None:
+            lines.append(f"| {_cell(metric)} | {_cell(row[1])} | {_cell(row[4])} | {_cell(row[5])} | {row[6]} |")
+    return "\n".join(lines) + "\n"
+
+
+def curve_markdown(results: dict[str, Any]) -> str:
+    """The coordinator at 1k/10k/50k nodes (bench_scale's rows), one line per size."""
+    columns = {
+        "coordinator CPU": "coordinator CPU",
+        "GET /cluster/status?limit=100": "`GET /cluster/status?limit=100` p50 / p99",
+        "full cluster status": "full status",
+        "coordinator memory per node": "memory per node",
+    }
+    sizes: dict[str, dict[str, str]] = {}
+    original: dict[str, str] = {}
+    for _, section in table_sections(results):
+        for row in section:
+            match = _SIZED.match(row[0])
+            if match is None or match["what"] not in columns:
+                continue
+            sizes.setdefault(match["size"], {})[columns[match["what"]]] = row[1]
+            if match["what"] == "full cluster status":
+                original[match["size"]] = row[3]
+    if not sizes:
+        return ""
+    names = list(columns.values())
+    lines = [
+        "| nodes | " + " | ".join(names) + " | original: one `cluster_status()` |",
+        "|---" * (len(names) + 2) + "|",
+    ]
+    for size, cells in sizes.items():
+        values = " | ".join(_cell(cells.get(name, "-")) for name in names)
+        lines.append(f"| {size} | {values} | {_cell(original.get(size, '-'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_docs_figures(results: dict[str, Any]) -> None:
+    """Write the summary and the curve next to latest.md, and the summary into the README between its markers."""
+    summary = summary_markdown(results)
+    SUMMARY.write_text(summary, encoding="utf-8")
+    CURVE.write_text(curve_markdown(results), encoding="utf-8")
+    readme = README.read_text(encoding="utf-8")
+    start, end = readme.find(README_START), readme.find(README_END)
+    if start == -1 or end < start:
+        _progress(f"README.md has no {README_START!r} ... {README_END!r} block: its figures were not updated")
+        return
+    README.write_text(readme[: start + len(README_START)] + "\n" + summary + readme[end:], encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -591,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     complete = not settings.quick and set(parts) == set(PARTS) and args.json == RESULTS
     table = RESULTS.with_name("latest.md" if complete else "partial.md")
     table.write_text(f"```text\n{report}\n```\n", encoding="utf-8")
+    if complete:
+        write_docs_figures(results)
     print(f"\nraw results: {args.json}; table: {table}; whole run {results['seconds']:.0f} s")
     return 0
 

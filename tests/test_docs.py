@@ -93,3 +93,39 @@ def test_the_cli_reference_documents_every_command_flag_and_variable_help_names(
 def test_the_cli_reference_lists_the_exit_statuses() -> None:
     documented = {int(code) for code in re.findall(r"^\| (\d+) \|", page_sections()["Exit status"], flags=re.M)}
     assert documented == {0, cli.EXIT_FAILURE, _cli_parser.EXIT_USAGE, cli.EXIT_INTERRUPTED}
+
+
+def test_the_figures_in_the_readme_and_the_performance_page_come_from_the_benchmark() -> None:
+    """No figure is copied by hand: the README's block is the summary a full `scripts/bench` run wrote, and the
+    performance page includes the run's table and curve files."""
+    readme = (ROOT / "README.md").read_text()
+    start = "<!-- latest figures: written by scripts/bench from a full run -->\n"
+    block = readme[readme.index(start) + len(start) : readme.index("<!-- end of latest figures -->")]
+    assert block == (ROOT / "bench" / "results" / "summary.md").read_text()
+    assert "| GET /health req/s |" in block
+    performance = (ROOT / "docs" / "performance.md").read_text()
+    for written in ("latest.md", "curve.md"):
+        assert f'--8<-- "bench/results/{written}"' in performance
+        assert (ROOT / "bench" / "results" / written).stat().st_size > 0
+
+
+def test_the_benchmark_writes_the_readme_summary_and_the_curve_from_its_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import __main__ as bench
+
+    scale = [
+        ["coordinator CPU, 1,000 nodes heartbeating every 10 s", "9% of a core", "-", "2%", "-", "-", "-"],
+        ["full cluster status, 1,000 nodes", "3 ms", "-", "254 ms", "-", "< 100 ms", "yes"],
+        ["full cluster status, 10,000 nodes", "75 ms", "-", "2,701 ms", "-", "< 100 ms", "yes"],
+        ["node RSS, 1,000 distinct 48 KB Hosts + 1 MiB headers", "+0.4 MB | flat", "-", "-", "-", "flat", "yes"],
+    ]
+    monkeypatch.setattr(bench, "table_sections", lambda _: [("other benchmark scripts", scale)])
+    summary = bench.summary_markdown({})
+    curve = bench.curve_markdown({})
+    assert summary.splitlines()[2:] == [
+        "| full cluster status, 10,000 nodes | 75 ms | - | < 100 ms | yes |",
+        "| node RSS, 1,000 distinct 48 KB Hosts + 1 MiB headers | +0.4 MB \\| flat | - | flat | yes |",
+    ]
+    lines = curve.splitlines()
+    assert lines[2].startswith("| 1,000 | 9% of a core | - | 3 ms | - | 254 ms")
+    assert lines[3] == "| 10,000 | - | - | 75 ms | - | 2,701 ms |"
