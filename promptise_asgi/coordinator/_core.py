@@ -460,7 +460,7 @@ class RuntimeCoordinator:
 
         Returns:
             `{"nodes": [NodeInfo.to_dict(), ...], "count": listed here, "total": every node, "next": the
-            cursor of the next page, or None when no node follows}`.
+            cursor of the next page, or None when no node (that passes the filters) follows}`.
 
         Raises:
             ValueError: a parameter out of range, naming it.

@@ -289,7 +289,7 @@ class NodeTable:
             query: a casefolded substring of the id or of a metadata value, or None.
 
         Returns:
-            The entries, and the cursor of the next page (None when no node follows this page).
+            The entries, and the cursor of the next page (None when no node that passes the filters follows this page).
         """
         order = self._order
         start = 0 if after is None else bisect_right(order, after)
