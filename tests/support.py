@@ -4,6 +4,7 @@ stores, and the command line run in subprocesses as a user runs it."""
 from __future__ import annotations
 
 import os
+import random
 import select
 import signal
 import socket
@@ -57,6 +58,30 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive TCP ports that were all free on loopback a moment ago, taken below the
+    kernel's ephemeral range, so that no client connection of a concurrent test can take one of them meanwhile
+    (what `promptise-asgi demo --port N` needs: it listens on N, N+1 and N+2)."""
+    low = 20000
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ranges:
+        ephemeral = int(ranges.read().split()[0])
+    for _ in range(200):
+        base = random.randrange(low, max(low + 1000, ephemeral - count))
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports on loopback")
 
 
 def dead_url() -> str:

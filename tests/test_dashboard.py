@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
-from support import ROOT, cli_process, free_port
+from support import ROOT, cli_process, free_port, free_port_run
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -298,7 +298,7 @@ class TestDashboard:
 def test_the_demo_prints_its_dashboard_and_serves_it(browser: Any) -> None:
     from selenium.webdriver.common.by import By
 
-    port = free_port()
+    port = free_port_run(3)  # the demo's coordinator and its two nodes
     with cli_process("demo", "--port", str(port), "--interval", "1") as demo:
         line = demo.wait_for_line("dashboard")
         assert f"http://127.0.0.1:{port}/ui/" in line
