@@ -54,10 +54,8 @@ T = TypeVar("T")
 
 
 def free_port() -> int:
-    """A TCP port that was free on loopback a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that was free on loopback a moment ago (below the ephemeral range: see `free_port_run`)."""
+    return free_port_run(1)
 
 
 def free_port_run(count: int) -> int:
