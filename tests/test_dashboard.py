@@ -202,8 +202,15 @@ class TestDashboard:
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(str(SCREENSHOT))
 
-            # A killed node turns unhealthy on the page.
+            # A killed node turns unhealthy on the page; filtered by health, it leaves the healthy view.
+            search = browser.find_element(By.CSS_SELECTOR, "input[type=search]")
+            search.send_keys("healthy")
+            eventually(lambda: browser.find_element(By.ID, "page-info").text == "1-2 of 2", "both healthy")
             c.nodes["node-1"].process.kill()
+            eventually(lambda: browser.find_element(By.ID, "page-info").text == "1-1 of 1", "node-1 left the view")
+            assert browser.find_elements(By.CSS_SELECTOR, '#nodes tr[data-node="node-1"]') == []
+            clear = "arguments[0].value = ''; arguments[0].dispatchEvent(new Event('input'))"
+            browser.execute_script(clear, search)  # as a person deleting the text (an input event)
             eventually(lambda: cells(browser, "node-1")[2].startswith("unhealthy"), "node-1 unhealthy", timeout=20)
             assert errors_in_console(browser) == []
 
@@ -293,6 +300,65 @@ class TestDashboard:
             eventually(lambda: browser.find_element(By.ID, "page-info").text == "1-10 of 10", "filtered")
             assert browser.find_element(By.ID, "next").get_attribute("disabled") is not None
             assert errors_in_console(browser) == []
+
+
+# Test-only: the page's fetch, slowed or failed per URL, with a count of the slowed answers delivered.
+FETCH_HOOK = """
+window.__delay = () => 0; window.__fail = () => false; window.__delivered = 0;
+const original = window.fetch;
+window.fetch = async (input, init) => {
+  const url = String(input);
+  if (window.__fail(url)) throw new TypeError("simulated network failure");
+  const response = await original(input, init);
+  const delay = window.__delay(url);
+  if (delay) { await new Promise((resolve) => setTimeout(resolve, delay)); window.__delivered += 1; }
+  return response;
+};
+"""
+
+
+def test_pages_stay_right_when_answers_are_late_or_fail_and_nodes_leave(browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    def info() -> str:
+        return str(browser.find_element(By.ID, "page-info").text)
+
+    def first_row() -> str:
+        return str(browser.execute_script("return document.querySelector('#nodes tbody tr').dataset.node"))
+
+    with cluster() as c, httpx.Client(base_url=c.url) as client:
+        for i in range(300):
+            body = {"node_id": f"n{i:04d}", "url": f"http://127.0.1.{i % 250 + 1}:9", "metadata": {}}
+            assert client.post("/cluster/nodes", json=body).status_code == 200
+        open_page(browser, c.url)
+        eventually(lambda: info() == "1-100 of 300", "the first page")
+        browser.execute_script(FETCH_HOOK)
+
+        # Next, then Previous before the slow answer to Next: the late answer is not drawn.
+        button(browser, "Next").click()
+        eventually(lambda: info() == "101-200 of 300", "page 2")
+        browser.execute_script("window.__delay = (url) => url.includes('after=n0199') ? 800 : 0")
+        button(browser, "Next").click()
+        button(browser, "Previous").click()
+        eventually(lambda: info() == "1-100 of 300", "page 1")
+        eventually(lambda: browser.execute_script("return window.__delivered") == 1, "the late answer arrived")
+        assert (info(), first_row()) == ("1-100 of 300", "n0000")
+
+        # A page that fails to load leaves the page shown, and its cursors, as they were.
+        browser.execute_script("window.__delay = () => 0; window.__fail = (url) => url.includes('after=')")
+        button(browser, "Next").click()
+        eventually(lambda: info().startswith("error:"), "the error shown")
+        assert first_row() == "n0000"
+        browser.execute_script("window.__fail = () => false")
+        button(browser, "Next").click()
+        eventually(lambda: info() == "101-200 of 300", "page 2 after the failure")
+        assert first_row() == "n0100"
+
+        # A node that leaves from another page changes the count of the page shown.
+        assert client.delete("/cluster/nodes/n0250").status_code == 200
+        eventually(lambda: info() == "101-200 of 299", "the leave counted")
+        assert browser.find_element(By.ID, "total-nodes").text == "299"
+        assert errors_in_console(browser) == []
 
 
 def test_the_demo_prints_its_dashboard_and_serves_it(browser: Any) -> None:

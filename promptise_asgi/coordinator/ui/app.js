@@ -17,8 +17,10 @@ const state = {
   next: null, // the `next` cursor of the page on screen
   total: 0,
   filter: "",
-  loading: null, // the page request in flight (a newer one supersedes it)
-  reload: null, // a pending reload of the page (joins and leaves, the filter box), debounced
+  generation: 0, // counts page requests: only the newest one's answer is drawn
+  pending: null, // while a page request is out: node id -> the live changes it may predate
+  failed: false, // the last page request failed: the next stream connection retries it
+  reload: null, // a pending reload of the page (joins, leaves, health under a health filter), debounced
   selected: null,
   lastEventId: null,
 };
@@ -149,9 +151,9 @@ function age(seconds) {
 const HEALTH_WORDS = new Map([["healthy", "healthy"], ["unhealthy", "unhealthy"], ["unknown", "unknown"],
   ["missed check", "missed_check"], ["missed_check", "missed_check"]]);
 
-function pageQuery() {
+function pageQuery(cursors) {
   const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
-  const after = state.cursors[state.cursors.length - 1];
+  const after = cursors[cursors.length - 1];
   if (after !== null) query.set("after", after);
   // The box filters by id or metadata; a health word filters by health instead.
   const words = state.filter;
@@ -160,33 +162,46 @@ function pageQuery() {
   return query;
 }
 
-async function loadPage() {
+// Load the page whose cursor stack is `cursors` (the one on screen by default). Only the newest request's
+// answer is drawn, and the stack on screen changes only when its page arrives; changes that come from the
+// stream while a request is out are applied to its answer, which may predate them.
+async function loadPage(cursors = state.cursors) {
   clearTimeout(state.reload);
   state.reload = null;
-  const request = (state.loading = json(`cluster/nodes?${pageQuery()}`));
+  const mine = ++state.generation;
+  state.pending = new Map();
   let page;
   try {
-    page = await request;
+    page = await json(`cluster/nodes?${pageQuery(cursors)}`);
   } catch (error) {
-    if (state.loading === request) $("page-info").textContent = `error: ${error.message}`;
-    return;
-  } finally {
-    if (state.loading === request) state.loading = null;
-  }
-  if (state.loading !== null) return; // a newer request was sent meanwhile: its answer draws the page
-  if (!page.nodes.length && state.cursors.length > 1) {
-    state.cursors.pop(); // this page emptied (its nodes left): show the one before
-    loadPage();
+    if (mine === state.generation) {
+      state.pending = null;
+      state.failed = true;
+      $("page-info").textContent = `error: ${error.message}`;
+    }
     return;
   }
+  if (mine !== state.generation) return; // a newer request was sent meanwhile: its answer draws the page
+  const missed = state.pending;
+  state.pending = null;
+  state.failed = false;
+  if (!page.nodes.length && cursors.length > 1) {
+    loadPage(cursors.slice(0, -1)); // this page emptied (its nodes left): show the one before
+    return;
+  }
+  state.cursors = cursors;
   state.page = new Map(page.nodes.map((node) => [node.node_id, node]));
+  for (const [id, fields] of missed) {
+    if (fields === null) state.page.delete(id); // it left after the answer was made
+    else if (state.page.has(id)) Object.assign(state.page.get(id), fields);
+  }
   state.next = page.next;
   state.total = page.total;
   renderTable();
 }
 
 function scheduleReload() {
-  if (state.reload === null) state.reload = setTimeout(loadPage, 250);
+  if (state.reload === null) state.reload = setTimeout(() => loadPage(), 250);
 }
 
 function renderTable() {
@@ -235,11 +250,14 @@ function updateNode(id, fields) {
   const known = state.nodes.get(id) || { status: "unknown", process_count: 0 };
   state.nodes.set(id, { ...known, ...Object.fromEntries(Object.entries(fields).filter(([key]) => key in known)) });
   renderSummary(null);
+  if (state.pending) state.pending.set(id, { ...(state.pending.get(id) || {}), ...fields });
   const node = state.page.get(id);
   if (node) {
     Object.assign(node, fields);
     fillRow(state.rows.get(id), node); // only the changed row is touched
   }
+  // Under a health filter a node's health decides whether it is listed: ask the coordinator again.
+  if (HEALTH_WORDS.has(state.filter) && ("status" in fields || "missed_check" in fields)) scheduleReload();
 }
 
 function addNode(id) {
@@ -251,24 +269,30 @@ function addNode(id) {
 function removeNode(id) {
   state.nodes.delete(id);
   renderSummary(null);
+  if (state.pending) state.pending.set(id, null);
   const row = state.rows.get(id);
   if (row) {
     row.remove();
     state.rows.delete(id);
     state.page.delete(id);
-    scheduleReload(); // the next node moves up into the page
   }
+  scheduleReload(); // the next node moves up into the page, and the total and the cursors change
   if (state.selected === id) $("detail").hidden = true;
 }
 
 $("filter").addEventListener("input", () => {
   state.filter = $("filter").value.trim().toLowerCase();
-  state.cursors = [null];
+  state.generation += 1; // an answer to the old filter is not drawn
+  state.cursors = [null]; // a new filter starts at its first page, whatever loads it
   clearTimeout(state.reload);
-  state.reload = setTimeout(loadPage, 150); // one request once typing pauses, not one per key
+  state.reload = setTimeout(() => loadPage(), 150); // one request once typing pauses, not one per key
 });
-$("previous").addEventListener("click", () => { state.cursors.pop(); loadPage(); });
-$("next").addEventListener("click", () => { state.cursors.push(state.next); loadPage(); });
+$("previous").addEventListener("click", () => {
+  if (state.cursors.length > 1) loadPage(state.cursors.slice(0, -1));
+});
+$("next").addEventListener("click", () => {
+  if (state.next !== null) loadPage([...state.cursors, state.next]);
+});
 setInterval(() => {
   for (const [id, row] of state.rows) row.children[4].textContent = age(state.page.get(id)?.last_seen);
 }, 5000);
@@ -439,6 +463,7 @@ async function stream() {
       const response = await api("cluster/changes", { headers });
       if (!response.ok || !response.body) throw new Error(`HTTP ${response.status}`);
       setConnection("live", true);
+      if (state.failed) loadPage(); // resumed without a snapshot: retry the page that failed to load
       pause = 500;
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
